@@ -1,0 +1,3 @@
+"""coderepair-coordinator."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""coderepair-trainer."""
+
+__version__ = "0.1.0"

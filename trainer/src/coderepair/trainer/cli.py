@@ -1,0 +1,39 @@
+"""`coderepair-trainer`: the researcher's console script.
+
+Parses arguments before importing anything heavy (torch, transformers), so that
+``--help`` and ``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from coderepair.protocol._cli import version_callback
+
+app = typer.Typer(
+    name="coderepair-trainer",
+    help="Train a policy with asynchronous GRPO on the rollouts the network pools.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            callback=version_callback("coderepair-trainer", "coderepair-trainer"),
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """Train a policy with asynchronous GRPO on the rollouts the network pools."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,3 @@
+"""coderepair-worker."""
+
+__version__ = "0.1.0"
