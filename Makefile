@@ -34,9 +34,12 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-venv $(PYPROJECTS) $(CONSTRAINTS)
 
 # The reference toploc is the yardstick for proof compatibility. Its prebuilt wheel
 # does not import against our torch, so it is compiled from its sdist here.
+# --no-build-isolation on the download too: preparing the sdist's metadata would
+# otherwise try to build torch from source (--no-binary :all:) in an isolated env.
 $(VENV)/.stamp-toploc-ref: $(VENV)/.stamp-deps
 	@tmp=$$(mktemp -d) && \
-	$(PIP) download -q --no-deps --no-binary :all: -d $$tmp toploc==$(TOPLOC_REF_VERSION) && \
+	$(PIP) download -q --no-build-isolation --no-deps --no-binary :all: -d $$tmp \
+		toploc==$(TOPLOC_REF_VERSION) && \
 	$(PIP) install -q --no-build-isolation --no-deps $$tmp/toploc-$(TOPLOC_REF_VERSION).tar.gz && \
 	rm -rf $$tmp
 	touch $@

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the coderepair contract. Do not edit: run `make proto`."""
