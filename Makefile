@@ -44,7 +44,17 @@ $(VENV)/.stamp-toploc-ref: $(VENV)/.stamp-deps
 	rm -rf $$tmp
 	touch $@
 
-setup: $(VENV)/.stamp-deps $(VENV)/.stamp-toploc-ref
+setup: $(VENV)/.stamp-deps $(VENV)/.stamp-toploc-ref sandbox-image
+
+# The sandbox image (deploy/sandbox/build-offline: debootstrap + docker import, no
+# registry). Idempotent: a few seconds when the image for the current inputs exists.
+# Without a Docker engine it is skipped: the worker then uses its bubblewrap backend.
+sandbox-image:
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+		deploy/sandbox/build-offline; \
+	else \
+		echo "sandbox-image: skipped: no Docker engine answers 'docker info' (Docker sandbox tests will be skipped; start dockerd and re-run 'make sandbox-image')"; \
+	fi
 
 # ------------------------------------------------------------------ checks
 test: setup
