@@ -36,7 +36,9 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-venv $(PYPROJECTS) $(CONSTRAINTS)
 # does not import against our torch, so it is compiled from its sdist here.
 # --no-build-isolation on the download too: preparing the sdist's metadata would
 # otherwise try to build torch from source (--no-binary :all:) in an isolated env.
-$(VENV)/.stamp-toploc-ref: $(VENV)/.stamp-deps
+# Rebuilt only when the torch pin changes (order-only on the deps: a pyproject edit
+# does not cost a five-minute C++ build).
+$(VENV)/.stamp-toploc-ref: $(CONSTRAINTS) | $(VENV)/.stamp-deps
 	@tmp=$$(mktemp -d) && \
 	$(PIP) download -q --no-build-isolation --no-deps --no-binary :all: -d $$tmp \
 		toploc==$(TOPLOC_REF_VERSION) && \

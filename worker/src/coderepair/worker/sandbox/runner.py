@@ -549,7 +549,10 @@ def run_pytest_launcher(config_fd: int) -> int:
     plugin = _ResultPlugin(
         bytes.fromhex(config.pop("key")), config["report_fd"], config["tests"], root
     )
-    args = ["-p", "no:cacheprovider", "-q", "--rootdir", root, *config["test_ids"]]
+    # `-c` names the runner's own ini file, so the candidate's pytest.ini, pyproject.toml,
+    # setup.cfg or tox.ini cannot add options (e.g. `-p <candidate module>` as a plugin).
+    args = ["-c", config["ini"], "-p", "no:cacheprovider", "-q", "--rootdir", root]
+    args += config["test_ids"]
     return int(pytest.main(args, plugins=[plugin]))
 
 
@@ -858,6 +861,8 @@ class Runner:
         os.makedirs(repo)
         _write_tree(repo, kept)
         _write_tree(repo, tests, mode=0o444)
+        ini = os.path.join(job_dir, "trusted-pytest.ini")
+        _write_tree(job_dir, {"trusted-pytest.ini": "[pytest]\n"}, mode=0o444)
         key = os.urandom(32)
         config_r, config_w = os.pipe()
         report_r, report_w = os.pipe()
@@ -865,6 +870,7 @@ class Runner:
             "key": key.hex(),
             "report_fd": report_w,
             "test_ids": test_ids,
+            "ini": ini,
             "tests": {p: hashlib.sha256(t.encode()).hexdigest() for p, t in tests.items()},
         }
         cmd = [self.python, "-s", "-B", self.script, "--pytest", str(config_r)]

@@ -1,0 +1,1 @@
+"""The repair-task corpus: HumanEval mutants, repository tasks, prompts, the builder."""
