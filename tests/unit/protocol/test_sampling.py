@@ -408,3 +408,21 @@ def test_behaviour_logprobs() -> None:
     assert np.isneginf(other).all()
     with pytest.raises(SamplingError, match="vocabulary"):
         behaviour_logprobs(logits, np.full(50, VOCAB), TEMP)
+
+
+def test_per_row_seeds_above_2_63_sample_like_one_row_at_a_time() -> None:
+    """A list mixing small seeds and seeds >= 2**63 must not be coerced through floats."""
+    logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32)
+    seeds = [1, 2**63 + 5, 2**64 - 1]
+    batched = sample_tokens(
+        logits, seed=seeds, sample_index=[0, 1, 2], positions=[5, 5, 5], temperature=0.8
+    )
+    one_by_one = [
+        int(
+            sample_tokens(
+                logits[i : i + 1], seed=seeds[i], sample_index=i, positions=5, temperature=0.8
+            )[0]
+        )
+        for i in range(3)
+    ]
+    assert batched.tolist() == one_by_one

@@ -322,7 +322,12 @@ def _per_row(name: str, values: int | Sequence[int] | Any, rows: int) -> list[in
         return [int(values)] * rows
     try:
         listed = values.tolist() if _is_torch(values) else values  # type: ignore[union-attr]
-        out = list(np.asarray(listed).reshape(-1).tolist())
+        # A flat list of Python ints is taken as is: numpy would turn a mix of small
+        # seeds and seeds >= 2**63 into floats and lose their low bits.
+        if isinstance(listed, list | tuple) and all(type(v) is int for v in listed):
+            out = list(listed)
+        else:
+            out = list(np.asarray(listed).reshape(-1).tolist())
     except (TypeError, ValueError) as exc:
         raise SamplingError(f"{name} must be one int or {rows} ints, got {values!r}") from exc
     if len(out) != rows or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):

@@ -1,0 +1,312 @@
+"""Batches, cursors, duplicates and the trainer stream in the storage layer (SQLite)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coderepair.coordinator.storage import audits, batches, repo
+from coderepair.coordinator.storage.batches import BatchDraft, Rejection, SampleIndex
+from coderepair.coordinator.storage.errors import (
+    ConflictError,
+    CursorBeyondHeadError,
+    DuplicateCompletionError,
+    IdempotencyConflictError,
+    LeaseNotOpenError,
+    WorkerBannedError,
+)
+from coderepair.coordinator.storage.models import AuditKind, BatchState, LeaseState, Worker
+
+if TYPE_CHECKING:
+    from conftest import StorageWorld
+
+T0 = 1_700_000_000_000
+G = 4
+
+
+def _lease(
+    world: StorageWorld, worker: Worker, tasks: Sequence[str], deadline: int = T0 + 1000
+) -> str:
+    return repo.create_lease(
+        world.db,
+        run_id="r1",
+        worker_id=worker.worker_id,
+        policy_version=0,
+        tasks=[repo.LeaseTask(t, list(range(G))) for t in tasks],
+        issued_ms=T0,
+        deadline_ms=deadline,
+    ).lease_id
+
+
+def _samples(tasks: Sequence[str], tag: str) -> list[SampleIndex]:
+    out = []
+    for t in tasks:
+        for i in range(G):
+            digest = batches.completion_digest(t, [len(out), ord(tag[0]), i])
+            out.append(SampleIndex(len(out), t, i, digest, 5, float(i % 2)))
+    return out
+
+
+def _draft(
+    world: StorageWorld, worker: Worker, lease_id: str, samples: Sequence[SampleIndex], key: str
+) -> BatchDraft:
+    return BatchDraft(
+        worker_id=worker.worker_id,
+        idempotency_key=key,
+        payload_sha256=key.ljust(64, "0")[:64],
+        run_id="r1",
+        lease_id=lease_id,
+        policy_version=0,
+        object_key=f"runs/r1/{key}.parquet",
+        samples=samples,
+    )
+
+
+def _submit(
+    world: StorageWorld, worker: Worker, tasks: Sequence[str], key: str
+) -> batches.RecordedBatch:
+    lease_id = _lease(world, worker, tasks)
+    return batches.record_batch(
+        world.db, _draft(world, worker, lease_id, _samples(tasks, key), key), T0 + 1
+    )
+
+
+def test_accepted_batch_gets_consecutive_cursors_and_closes_the_lease(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    first = _submit(world, world.alice, ["t1", "t2"], "key-a-000000000001")
+    second = _submit(world, world.bob, ["t3"], "key-b-000000000001")
+    assert first.created and second.created
+    assert (first.batch.first_cursor, first.batch.last_cursor) == (1, 8)
+    assert (second.batch.first_cursor, second.batch.last_cursor) == (9, 12)
+    assert first.batch.state is BatchState.PENDING_AUDIT
+    assert first.batch.n_tokens == 8 * 5
+    assert batches.head_cursor(world.db, "r1") == 12
+    lease = repo.get_lease(world.db, first.batch.lease_id or "")
+    assert lease is not None and lease.state is LeaseState.SUBMITTED
+    alice = repo.get_worker(world.db, world.alice.worker_id)
+    assert alice is not None and alice.credit_pending == 40 and alice.batches_accepted == 1
+
+
+def test_group_rows_get_consecutive_cursors_whatever_the_submission_order(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1", "t2"])
+    samples = _samples(["t1", "t2"], "x")
+    shuffled = [samples[i] for i in (4, 0, 5, 1, 6, 2, 7, 3)]
+    batches.record_batch(
+        world.db, _draft(world, world.alice, lease_id, shuffled, "key-shuffled-0001"), T0
+    )
+    rows = batches.read_stream(world.db, "r1", 0, 100)
+    assert [(r.task_id, r.sample_index) for r in rows] == [
+        ("t2", 0), ("t2", 1), ("t2", 2), ("t2", 3), ("t1", 0), ("t1", 1), ("t1", 2), ("t1", 3),
+    ]  # fmt: skip
+    assert [r.row_index for r in rows] == [4, 5, 6, 7, 0, 1, 2, 3]
+
+
+def test_a_retried_key_returns_the_stored_batch_and_stores_nothing_new(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1"])
+    draft = _draft(world, world.alice, lease_id, _samples(["t1"], "r"), "key-retry-000001")
+    first = batches.record_batch(world.db, draft, T0)
+    again = batches.record_batch(world.db, draft, T0 + 5)
+    assert not again.created
+    assert again.batch.batch_id == first.batch.batch_id
+    assert batches.head_cursor(world.db, "r1") == G
+    with pytest.raises(IdempotencyConflictError, match="other content"):
+        batches.record_batch(world.db, replace(draft, payload_sha256="f" * 64), T0)
+
+
+def test_concurrent_retries_of_one_key_store_one_batch(storage_world: StorageWorld) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1"])
+    draft = _draft(world, world.alice, lease_id, _samples(["t1"], "c"), "key-concurrent-01")
+    results: list[batches.RecordedBatch] = []
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            results.append(batches.record_batch(world.db, draft, T0))
+        except BaseException as exc:  # asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sum(r.created for r in results) == 1
+    assert len({r.batch.batch_id for r in results}) == 1
+    assert batches.head_cursor(world.db, "r1") == G
+
+
+def test_rejected_batches_are_stored_for_replay_without_rows(storage_world: StorageWorld) -> None:
+    world = storage_world
+    draft = BatchDraft(
+        worker_id=world.alice.worker_id,
+        idempotency_key="key-rejected-0001",
+        payload_sha256="e" * 64,
+        run_id=None,
+        lease_id=None,
+        policy_version=0,
+        rejection=Rejection("UNKNOWN_LEASE", "no lease 'x' exists"),
+    )
+    first = batches.record_batch(world.db, draft, T0)
+    again = batches.record_batch(world.db, draft, T0 + 1)
+    assert first.created and not again.created
+    assert again.batch.state is BatchState.REJECTED
+    assert again.batch.rejection_reason == "UNKNOWN_LEASE"
+    assert batches.head_cursor(world.db, "r1") == 0
+    alice = repo.get_worker(world.db, world.alice.worker_id)
+    assert alice is not None and alice.batches_rejected == 1
+
+
+@pytest.mark.parametrize(
+    ("situation", "reason"),
+    [
+        ("unknown", "UNKNOWN_LEASE"),
+        ("other_owner", "NOT_LEASE_OWNER"),
+        ("past_deadline", "LEASE_EXPIRED"),
+        ("released", "UNKNOWN_LEASE"),
+        ("wrong_version", "STALE_POLICY"),
+    ],
+)
+def test_a_batch_for_a_lease_that_is_not_open_is_refused_and_nothing_written(
+    storage_world: StorageWorld, situation: str, reason: str
+) -> None:
+    world = storage_world
+    owner = world.bob if situation == "other_owner" else world.alice
+    lease_id = _lease(world, owner, ["t1"], deadline=T0 + 10)
+    if situation == "released":
+        repo.release_lease(world.db, lease_id, owner.worker_id, T0 + 1)
+    draft = _draft(world, world.alice, lease_id, _samples(["t1"], "n"), "key-not-open-0001")
+    if situation == "unknown":
+        draft = replace(draft, lease_id="no-such-lease")
+    if situation == "wrong_version":
+        draft = replace(draft, policy_version=1)
+    now = T0 + 11 if situation == "past_deadline" else T0 + 2
+    with pytest.raises(LeaseNotOpenError) as caught:
+        batches.record_batch(world.db, draft, now)
+    assert caught.value.reason == reason
+    assert batches.head_cursor(world.db, "r1") == 0
+    assert batches.read_stream(world.db, "r1", 0, 10) == []
+
+
+def test_banned_workers_cannot_submit(storage_world: StorageWorld) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1"])
+    audits.ban_worker(
+        world.db, world.alice.worker_id, reason="x", until_ms=None, void_pending=False, now_ms=T0
+    )
+    with pytest.raises(WorkerBannedError):
+        batches.record_batch(
+            world.db,
+            _draft(world, world.alice, lease_id, _samples(["t1"], "b"), "key-banned-00001"),
+            T0,
+        )
+
+
+def test_a_completion_copied_from_another_worker_is_refused(storage_world: StorageWorld) -> None:
+    world = storage_world
+    original = _submit(world, world.alice, ["t1"], "key-original-001")
+    copied = _samples(["t1"], "z")
+    copied[2] = replace(copied[2], completion_sha256=_samples(["t1"], "k")[2].completion_sha256)
+    lease_id = _lease(world, world.bob, ["t1"])
+    with pytest.raises(DuplicateCompletionError) as caught:
+        batches.record_batch(
+            world.db, _draft(world, world.bob, lease_id, copied, "key-copy-000001"), T0
+        )
+    assert caught.value.matches[0].batch_id == original.batch.batch_id
+    assert batches.head_cursor(world.db, "r1") == G  # the copier's rows were rolled back
+    lease = repo.get_lease(world.db, lease_id)
+    assert lease is not None and lease.state is LeaseState.OPEN
+    found = batches.find_duplicate_completions(world.db, [copied[2].completion_sha256])
+    assert [m.worker_id for m in found] == [world.alice.worker_id]
+    assert (
+        batches.find_duplicate_completions(
+            world.db, [copied[2].completion_sha256], exclude_worker_id=world.alice.worker_id
+        )
+        == []
+    )
+
+
+def test_accepted_drafts_are_checked(storage_world: StorageWorld) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1"])
+    draft = _draft(world, world.alice, lease_id, _samples(["t1"], "q"), "key-checked-0001")
+    with pytest.raises(ConflictError, match="at least one sample"):
+        batches.record_batch(world.db, replace(draft, samples=[]), T0)
+    with pytest.raises(ConflictError, match="object key"):
+        batches.record_batch(world.db, replace(draft, object_key=None), T0)
+    bad_rows = [replace(s, row_index=s.row_index + 1) for s in draft.samples]
+    with pytest.raises(ConflictError, match="row_index"):
+        batches.record_batch(world.db, replace(draft, samples=bad_rows), T0)
+
+
+def test_stream_reads_in_order_never_splits_a_group_and_skips_voided_rows(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    a = _submit(world, world.alice, ["t1", "t2"], "key-stream-a-001")  # cursors 1..8
+    b = _submit(world, world.bob, ["t3"], "key-stream-b-001")  # cursors 9..12
+    rows = batches.read_stream(world.db, "r1", 0, 2)
+    assert [r.cursor for r in rows] == [1, 2, 3, 4]  # the limit fell inside group t1
+    assert rows[0].object_key == a.batch.object_key and rows[0].audit_pending
+    assert [r.cursor for r in batches.read_stream(world.db, "r1", 4, 100)] == list(range(5, 13))
+    audits.void_batch(world.db, a.batch.batch_id, "AUDIT_PROOF", "proof mismatch", T0 + 2)
+    assert [r.cursor for r in batches.read_stream(world.db, "r1", 0, 100)] == [9, 10, 11, 12]
+    assert [r.batch_id for r in batches.read_stream(world.db, "r1", 0, 100)] == [
+        b.batch.batch_id
+    ] * 4
+    assert batches.read_stream(world.db, "r1", 0, 100, min_policy_version=1) == []
+    with pytest.raises(ConflictError):
+        batches.read_stream(world.db, "r1", 0, 0)
+
+
+def test_acks_move_forward_only_and_never_past_the_head(storage_world: StorageWorld) -> None:
+    world = storage_world
+    _submit(world, world.alice, ["t1", "t2"], "key-ack-00000001")
+    assert batches.ack_cursor(world.db, "r1", 4, 10, T0) == batches.AckResult(4, 8)
+    assert batches.ack_cursor(world.db, "r1", 2, 11, T0) == batches.AckResult(4, 8)
+    assert batches.ack_cursor(world.db, "r1", 8, 12, T0) == batches.AckResult(8, 8)
+    with pytest.raises(CursorBeyondHeadError, match="beyond"):
+        batches.ack_cursor(world.db, "r1", 9, 13, T0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    task=st.text(max_size=20),
+    ids=st.lists(st.integers(0, 2**32 - 1), max_size=20),
+    other=st.lists(st.integers(0, 2**32 - 1), max_size=20),
+)
+def test_completion_digest_separates_tasks_and_completions(
+    task: str, ids: list[int], other: list[int]
+) -> None:
+    digest = batches.completion_digest(task, ids)
+    assert len(digest) == 64
+    assert (batches.completion_digest(task, other) == digest) == (ids == other)
+    assert batches.completion_digest(task + "x", ids) != digest
+
+
+def test_audit_kinds_queue_jobs_with_the_batch(storage_world: StorageWorld) -> None:
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t1"])
+    draft = replace(
+        _draft(world, world.alice, lease_id, _samples(["t1"], "j"), "key-jobs-0000001"),
+        audit_kinds=[AuditKind.PROOF, AuditKind.SAMPLING, AuditKind.PROOF],
+    )
+    recorded = batches.record_batch(world.db, draft, T0)
+    assert recorded.batch.audit_pending
+    jobs = audits.list_audit_jobs(world.db, batch_id=recorded.batch.batch_id)
+    assert sorted(j.kind for j in jobs) == [AuditKind.PROOF, AuditKind.SAMPLING]

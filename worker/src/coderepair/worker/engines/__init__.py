@@ -1,0 +1,1 @@
+"""Inference engines: one interface (`base.Engine`), a transformers and a vLLM implementation."""
