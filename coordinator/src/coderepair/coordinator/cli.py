@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from coderepair.coordinator.service.commands import admin_app, serve_command
 from coderepair.protocol._cli import version_callback
 
 app = typer.Typer(
@@ -45,6 +46,8 @@ tasks_app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(tasks_app)
+app.command("serve")(serve_command)
+app.add_typer(admin_app)
 
 Backend = Literal["docker", "bubblewrap", "auto"]
 

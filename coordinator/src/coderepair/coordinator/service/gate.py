@@ -1,0 +1,253 @@
+"""Refusals and the door every signed request passes: envelope, signature, clock, replay.
+
+A handler raises `Refusal` (a `RejectionReason` plus a message saying what to do); the
+`guarded` decorator turns it into a gRPC status chosen by `coderepair.protocol.rpc`
+with the `Rejection` in the trailing metadata. Any other exception becomes INTERNAL
+("nothing was written, retry"): every storage call is one transaction, so a failure
+leaves no half-written state.
+
+`EnvelopeGate.open` checks, cheapest first: the request's size, the envelope's wire
+format, its purpose, clock skew and signature (`EnvelopeVerifier`, which also keeps an
+in-process nonce cache), then the nonce in the database's `seen_nonces` table, which
+coordinator replicas share and which survives a restart, and only then decodes the
+payload.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import grpc
+from google.protobuf import message as _message
+
+from coderepair.coordinator.storage import repo
+from coderepair.coordinator.storage.errors import (
+    ConflictError,
+    CursorBeyondHeadError,
+    NotFoundError,
+    StorageError,
+    WorkerBannedError,
+)
+from coderepair.coordinator.storage.models import Worker, WorkerState
+from coderepair.protocol import rpc
+from coderepair.protocol.errors import DecodeError, ProtocolError, VerificationError
+from coderepair.protocol.identity import (
+    ClockSkew,
+    Envelope,
+    EnvelopeVerifier,
+    ReplayedNonce,
+    fingerprint,
+)
+from coderepair.v1 import common_pb2
+
+__all__ = ["EnvelopeGate", "Refusal", "guarded", "reason_name", "refusal_from"]
+
+log = logging.getLogger(__name__)
+R = common_pb2.RejectionReason
+_MAX_MESSAGE_CHARS = 1024
+
+
+class Refusal(ProtocolError):
+    """A request the coordinator refuses, with the reason the caller sees."""
+
+    def __init__(
+        self,
+        reason: Any,
+        message: str,
+        *,
+        task_id: str | None = None,
+        sample_index: int | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.task_id = task_id
+        self.sample_index = sample_index
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def reason_name(self) -> str:
+        """The reason without its prefix, as stored in `batches.rejection_reason`."""
+        return reason_name(self.reason)
+
+    def to_proto(self) -> common_pb2.Rejection:
+        rejection = common_pb2.Rejection(
+            reason=self.reason, message=self.message[:_MAX_MESSAGE_CHARS]
+        )
+        if self.task_id is not None:
+            rejection.task_id = self.task_id
+        if self.sample_index is not None:
+            rejection.sample_index = self.sample_index
+        if self.retry_after_ms is not None:
+            rejection.retry_after_ms = self.retry_after_ms
+        return rejection
+
+
+def reason_name(reason: int) -> str:
+    """ "STRUCTURAL" for REJECTION_REASON_STRUCTURAL, and so on."""
+    return R.Name(reason).removeprefix("REJECTION_REASON_")
+
+
+def reason_value(name: str) -> Any:
+    """The enum value of a stored reason name; UNSPECIFIED for an unknown one."""
+    try:
+        return R.Value(f"REJECTION_REASON_{name}")
+    except ValueError:
+        return R.REJECTION_REASON_UNSPECIFIED
+
+
+def refusal_from(exc: ProtocolError) -> Refusal:
+    """The refusal a typed protocol or storage error stands for."""
+    if isinstance(exc, Refusal):
+        return exc
+    message = str(exc)
+    if isinstance(exc, ReplayedNonce):
+        return Refusal(R.REJECTION_REASON_REPLAY, message)
+    if isinstance(exc, ClockSkew):
+        return Refusal(R.REJECTION_REASON_CLOCK_SKEW, message)
+    if isinstance(exc, VerificationError):
+        return Refusal(R.REJECTION_REASON_SIGNATURE, message)
+    if isinstance(exc, DecodeError):
+        return Refusal(R.REJECTION_REASON_STRUCTURAL, message)
+    if isinstance(exc, WorkerBannedError):
+        return Refusal(R.REJECTION_REASON_BANNED, message)
+    if isinstance(exc, CursorBeyondHeadError):
+        return Refusal(R.REJECTION_REASON_STRUCTURAL, message)
+    if isinstance(exc, NotFoundError):
+        return Refusal(R.REJECTION_REASON_STRUCTURAL, message)
+    if isinstance(exc, ConflictError | StorageError):
+        return Refusal(R.REJECTION_REASON_CONFLICT, message)
+    return Refusal(R.REJECTION_REASON_STRUCTURAL, message)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_S = TypeVar("_S")
+
+
+def guarded(
+    method: Callable[Concatenate[_S, Any, Any, _P], Awaitable[_T]],
+) -> Callable[Concatenate[_S, Any, Any, _P], Awaitable[_T]]:
+    """Wrap a unary handler ``(self, request, context)``: refusals and failures end the
+    call with a status and a `Rejection` trailer instead of an unhandled exception."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _S, request: Any, context: Any, *args: _P.args, **kw: _P.kwargs) -> _T:
+        try:
+            return await method(self, request, context, *args, **kw)
+        except ProtocolError as exc:
+            await rpc.abort_with_rejection(context, refusal_from(exc).to_proto())
+        except Exception:
+            # A bug or a database outage: log it with the traceback, tell the caller
+            # that nothing was written (every storage call is one transaction).
+            log.exception("internal error in %s", method.__qualname__)
+            await rpc.abort_with_rejection(context, internal_error().to_proto())
+
+    return wrapper
+
+
+def internal_error() -> Refusal:
+    return Refusal(
+        R.REJECTION_REASON_INTERNAL,
+        "the coordinator failed while handling the request; nothing was written: retry "
+        "after a moment",
+        retry_after_ms=1000,
+    )
+
+
+def check_size(request: _message.Message, limit: int) -> None:
+    """Refuse a request larger than the configured limit (the server's own limit is
+    twice it, so every request up to there gets a typed answer)."""
+    size = request.ByteSize()
+    if size > limit:
+        raise Refusal(
+            R.REJECTION_REASON_TOO_LARGE,
+            f"request is {size} bytes, over this coordinator's {limit}-byte limit: send "
+            "fewer samples per batch (or ask the operator to raise server.max_message_bytes)",
+        )
+
+
+M = TypeVar("M", bound=_message.Message)
+
+
+class EnvelopeGate:
+    """Opens signed requests: returns (signer, payload) or raises `Refusal`."""
+
+    def __init__(
+        self,
+        verifier: EnvelopeVerifier,
+        call: Callable[..., Awaitable[Any]],
+        now_ms: Callable[[], int],
+        max_message_bytes: int,
+    ) -> None:
+        self._verifier = verifier
+        self._call = call
+        self._now_ms = now_ms
+        self._limit = max_message_bytes
+
+    async def open(self, request: _message.Message, method: str) -> tuple[bytes, Any]:
+        signed = rpc.SIGNED_RPCS[method]
+        check_size(request, self._limit)
+        raw = request.envelope  # type: ignore[attr-defined]
+        if not raw:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"{method} needs a signed envelope in field 1: sign the "
+                f"{signed.payload_type.DESCRIPTOR.name} with "
+                f"Identity.sign({signed.purpose!r}, ...)",
+            )
+        try:
+            envelope = Envelope.from_bytes(raw)
+            payload = self._verifier.verify(envelope, purpose=signed.purpose)
+        except ProtocolError as exc:
+            raise refusal_from(exc) from exc
+        now = self._now_ms()
+        expires = now + int(2 * self._verifier.max_clock_skew_s * 1000)
+        fresh = await self._call(
+            repo.remember_nonce,
+            envelope.signer,
+            envelope.nonce,
+            expires_ms=expires,
+            now_ms=now,
+        )
+        if not fresh:
+            raise Refusal(
+                R.REJECTION_REASON_REPLAY,
+                f"nonce {envelope.nonce.hex()} from {fingerprint(envelope.signer)} was already "
+                "used: sign every request afresh (a retry re-signs the same payload)",
+            )
+        try:
+            message = rpc.decode_payload(payload, signed.payload_type)
+        except DecodeError as exc:
+            raise refusal_from(exc) from exc
+        return envelope.signer, message
+
+
+def require_active(worker: Worker) -> Worker:
+    """Refuse a banned worker (ban reason and end included)."""
+    if worker.state is WorkerState.BANNED:
+        until = (
+            f" until {worker.banned_until_unix_ms} (unix ms)"
+            if worker.banned_until_unix_ms
+            else " permanently"
+        )
+        raise Refusal(
+            R.REJECTION_REASON_BANNED,
+            f"key {worker.worker_id} is banned{until}: {worker.ban_reason or 'no reason given'}",
+        )
+    return worker
+
+
+def not_registered(worker_id: str) -> Refusal:
+    return Refusal(
+        R.REJECTION_REASON_NOT_REGISTERED,
+        f"key {worker_id} is not registered at this coordinator: call Register first",
+    )
+
+
+async def abort_unimplemented(context: grpc.aio.ServicerContext, what: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, what)

@@ -1,0 +1,514 @@
+"""WorkerService: registration, heartbeats, policies, leases and rollout submission.
+
+SubmitRollouts runs the validation pipeline cheapest stage first:
+
+1. request size and envelope (`EnvelopeGate`: wire format, purpose, clock skew,
+   signature, then the replay check against the shared nonce table);
+2. the signer must be registered and not banned;
+3. structural checks against the lease, the run and its task pool (`validation`);
+4. the Parquet record goes to the object store under a content-addressed key (a retry
+   rewrites the same bytes; an object whose batch is never committed is never read);
+5. `record_batch`: one transaction that looks the idempotency key up, closes the lease,
+   refuses completions other workers already had accepted, takes the cursor range,
+   inserts the index rows and, when the BOINC draw says so, the audit jobs.
+
+The answer is built from the stored batch, and only after its commit: an accepted
+response means the batch is durable, and a retry with the same idempotency key gets
+the same answer (`replayed_response`) without storing anything twice. A refusal at
+stage 3 or 5 is stored too (as a REJECTED batch), so its retry gets the same verdict.
+Refusals of unattributable requests (stages 1-2) are gRPC statuses with the
+`Rejection` in the trailing metadata; refusals of a signed batch are in-band, as the
+contract says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from typing import Any
+
+from coderepair.coordinator.service import convert
+from coderepair.coordinator.service.context import RunState, ServiceContext
+from coderepair.coordinator.service.gate import (
+    EnvelopeGate,
+    Refusal,
+    guarded,
+    not_registered,
+    require_active,
+)
+from coderepair.coordinator.service.scheduler import new_seeds
+from coderepair.coordinator.service.stats import batches_of, lease_states, workers_online
+from coderepair.coordinator.service.validation import (
+    LeaseView,
+    check_batch,
+    check_envelope_fields,
+    check_lease_open,
+    check_policy_window,
+    should_audit,
+)
+from coderepair.coordinator.storage import batches, repo
+from coderepair.coordinator.storage.errors import (
+    DuplicateCompletionError,
+    IdempotencyConflictError,
+    LeaseNotOpenError,
+    NotFoundError,
+)
+from coderepair.coordinator.storage.models import AuditKind, LeaseState, Run, Worker
+from coderepair.protocol import rpc
+from coderepair.protocol.identity import PUBLIC_KEY_BYTES, fingerprint
+from coderepair.protocol.rollout import RolloutRecord, to_parquet_bytes
+from coderepair.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+__all__ = ["WorkerServicer"]
+
+log = logging.getLogger(__name__)
+R = common_pb2.RejectionReason
+_M = f"/{rpc.WORKER_SERVICE}/"
+_NO_WORK_RETRY_MS = 2000
+_MAX_STATUS_BATCHES = 100
+COORDINATOR_VERSION = "0.1.0"
+
+
+def _printable(value: str, limit: int, name: str) -> str:
+    if len(value) > limit or not value.isprintable():
+        raise Refusal(
+            R.REJECTION_REASON_STRUCTURAL,
+            f"{name} must be at most {limit} printable characters",
+        )
+    return value
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """The worker-facing service over a `ServiceContext`."""
+
+    def __init__(self, ctx: ServiceContext, gate: EnvelopeGate, rng: random.Random) -> None:
+        self._ctx = ctx
+        self._gate = gate
+        self._rng = rng
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _worker(self, signer: bytes, *, touch: bool = False) -> Worker:
+        worker_id = fingerprint(signer)
+        ctx = self._ctx
+        if touch:
+            try:
+                worker = await ctx.call(repo.touch_worker, ctx.db, worker_id, ctx.now_ms())
+            except NotFoundError:
+                raise not_registered(worker_id) from None
+        else:
+            found = await ctx.call(repo.get_worker, ctx.db, worker_id)
+            if found is None:
+                raise not_registered(worker_id)
+            worker = found
+        return require_active(worker)
+
+    async def _runs(self) -> list[Run]:
+        rows = await self._ctx.call(repo.list_runs, self._ctx.db)
+        return [r for r in rows if r.run_id in self._ctx.runs and r.accepting_work]
+
+    def _heartbeat_ms(self) -> int:
+        return int(self._ctx.config.server.heartbeat_interval_s * 1000)
+
+    # ---------------------------------------------------------------- Register
+
+    @guarded
+    async def Register(
+        self, request: worker_pb2.RegisterRequest, context: Any
+    ) -> worker_pb2.RegisterResponse:
+        signer, payload = await self._gate.open(request, _M + "Register")
+        _printable(payload.display_name, 64, "display_name")
+        _printable(payload.client_version, 64, "client_version")
+        ctx = self._ctx
+        worker = await ctx.call(
+            repo.upsert_worker,
+            ctx.db,
+            signer,
+            display_name=payload.display_name,
+            client_version=payload.client_version,
+            capabilities=convert.capabilities_dict(payload.capabilities),
+            now_ms=ctx.now_ms(),
+        )
+        runs = await self._runs()
+        return worker_pb2.RegisterResponse(
+            worker_id=worker.worker_id,
+            state=convert.worker_state(worker.state),
+            server_time_unix_ms=ctx.now_ms(),
+            max_clock_skew_ms=int(ctx.config.server.max_clock_skew_s * 1000),
+            heartbeat_interval_ms=self._heartbeat_ms(),
+            runs=[convert.run_summary(r) for r in runs],
+            coordinator_version=COORDINATOR_VERSION,
+        )
+
+    # ---------------------------------------------------------------- Heartbeat
+
+    @guarded
+    async def Heartbeat(
+        self, request: worker_pb2.HeartbeatRequest, context: Any
+    ) -> worker_pb2.HeartbeatResponse:
+        signer, payload = await self._gate.open(request, _M + "Heartbeat")
+        if len(payload.lease_ids) > 16:
+            raise Refusal(R.REJECTION_REASON_STRUCTURAL, "list at most 16 lease_ids")
+        worker = await self._worker(signer, touch=True)
+        ctx = self._ctx
+        states = await ctx.call(lease_states, ctx.db, list(payload.lease_ids))
+        revoked = [
+            lease_id
+            for lease_id in payload.lease_ids
+            if lease_id not in states
+            or states[lease_id][0] != worker.worker_id
+            or states[lease_id][1] is not LeaseState.OPEN
+        ]
+        runs = await self._runs()
+        return worker_pb2.HeartbeatResponse(
+            server_time_unix_ms=ctx.now_ms(),
+            heartbeat_interval_ms=self._heartbeat_ms(),
+            revoked_lease_ids=revoked,
+            state=convert.worker_state(worker.state),
+            runs=[convert.run_summary(r) for r in runs],
+        )
+
+    # ---------------------------------------------------------------- GetPolicy
+
+    @guarded
+    async def GetPolicy(
+        self, request: worker_pb2.GetPolicyRequest, context: Any
+    ) -> worker_pb2.GetPolicyResponse:
+        ctx = self._ctx
+        run = await ctx.call(repo.get_run, ctx.db, request.run_id)
+        if run is None:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"no run {request.run_id[:64]!r}: Register lists the runs accepting work",
+            )
+        latest = run.latest_policy_version
+        wanted = request.version if request.HasField("version") else latest
+        if not 1 <= wanted <= latest:
+            raise Refusal(
+                R.REJECTION_REASON_STALE_POLICY,
+                f"run {run.run_id} has policy versions 1..{latest}; version {wanted} does "
+                "not exist (yet): ask for the latest",
+            )
+        have = request.have_version if request.HasField("have_version") else None
+        if have is not None and have >= wanted:
+            return worker_pb2.GetPolicyResponse()
+        chain = []
+        version = wanted
+        while True:
+            policy = await ctx.call(repo.get_policy, ctx.db, run.run_id, version)
+            if policy is None:
+                raise Refusal(
+                    R.REJECTION_REASON_INTERNAL,
+                    f"policy version {version} of run {run.run_id} is missing from the store",
+                )
+            chain.append(policy)
+            # Stop at a full checkpoint, or at a delta that applies to what is held.
+            if policy.kind.value == "full" or policy.parent_version is None:
+                break
+            if have is not None and policy.parent_version == have:
+                break
+            version = policy.parent_version
+        chain.reverse()
+        return worker_pb2.GetPolicyResponse(chain=[convert.policy_info(p) for p in chain])
+
+    # ---------------------------------------------------------------- LeaseTasks
+
+    def _pick_run(self, runs: list[Run], wanted: str) -> tuple[Run, RunState] | None:
+        for run in runs:
+            if wanted and run.run_id != wanted:
+                continue
+            state = self._ctx.runs[run.run_id]
+            if run.latest_policy_version >= 1 and state.pool.free_count() > 0:
+                return run, state
+        return None
+
+    @guarded
+    async def LeaseTasks(
+        self, request: worker_pb2.LeaseTasksRequest, context: Any
+    ) -> worker_pb2.LeaseTasksResponse:
+        signer, payload = await self._gate.open(request, _M + "LeaseTasks")
+        if payload.max_tasks < 1:
+            raise Refusal(R.REJECTION_REASON_STRUCTURAL, "max_tasks must be at least 1")
+        worker = await self._worker(signer)
+        runs = await self._runs()
+        if payload.run_id and payload.run_id not in {r.run_id for r in runs}:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"run {payload.run_id[:64]!r} is not accepting work here: pick one that "
+                "Register or Heartbeat lists",
+            )
+        picked = self._pick_run(runs, payload.run_id)
+        if picked is None:
+            return worker_pb2.LeaseTasksResponse(retry_after_ms=_NO_WORK_RETRY_MS)
+        run, state = picked
+        config = state.config
+        reservation = state.pool.reserve(min(payload.max_tasks, config.max_tasks_per_lease))
+        if reservation is None:
+            return worker_pb2.LeaseTasksResponse(retry_after_ms=_NO_WORK_RETRY_MS)
+        ctx = self._ctx
+        issued = ctx.now_ms()
+        deadline = issued + int(config.lease_ttl_s * 1000)
+        seeds = {t.task_id: new_seeds(run.group_size) for t in reservation.tasks}
+        try:
+            lease = await ctx.call(
+                repo.create_lease,
+                ctx.db,
+                run_id=run.run_id,
+                worker_id=worker.worker_id,
+                policy_version=run.latest_policy_version,
+                tasks=[repo.LeaseTask(t.task_id, seeds[t.task_id]) for t in reservation.tasks],
+                issued_ms=issued,
+                deadline_ms=deadline,
+            )
+        except BaseException:
+            state.pool.cancel(reservation)
+            raise
+        state.pool.bind(reservation, lease.lease_id)
+        message = common_pb2.Lease(
+            lease_id=lease.lease_id,
+            run_id=run.run_id,
+            policy_version=lease.policy_version,
+            reward_spec_hash=run.reward_spec_hash,
+            reward_spec_json=run.reward_spec_json.encode(),
+            group_size=run.group_size,
+            sampling=common_pb2.SamplingParams(
+                sampler=common_pb2.SAMPLER_GUMBEL_MAX_V1,
+                temperature=config.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=config.max_new_tokens,
+            ),
+            issued_unix_ms=issued,
+            deadline_unix_ms=deadline,
+            tasks=[
+                common_pb2.LeasedTask(
+                    task_id=t.task_id,
+                    prompt_text=t.prompt_text,
+                    prompt_token_ids=list(t.prompt_ids),
+                    chat_template_sha256=state.pool.chat_template_sha256,
+                    seeds=seeds[t.task_id],
+                    task_json=t.task_json,
+                )
+                for t in reservation.tasks
+            ],
+        )
+        return worker_pb2.LeaseTasksResponse(lease=message)
+
+    # ---------------------------------------------------------------- SubmitRollouts
+
+    @guarded
+    async def SubmitRollouts(
+        self, request: worker_pb2.SubmitRolloutsRequest, context: Any
+    ) -> worker_pb2.SubmitRolloutsResponse:
+        signer, payload = await self._gate.open(request, _M + "SubmitRollouts")
+        worker = await self._worker(signer)
+        try:
+            check_envelope_fields(payload)
+        except Refusal as refusal:
+            # Without a usable idempotency key nothing can be stored for a retry.
+            return convert.refused_response(refusal)
+        ctx = self._ctx
+        digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+        lease = await ctx.call(repo.get_lease, ctx.db, payload.lease_id)
+        draft = batches.BatchDraft(
+            worker_id=worker.worker_id,
+            idempotency_key=payload.idempotency_key,
+            payload_sha256=digest,
+            run_id=lease.run_id if lease is not None else None,
+            lease_id=lease.lease_id if lease is not None else None,
+            policy_version=int(payload.policy_version),
+        )
+        try:
+            records, state = await self._validate(payload, lease, worker, signer)
+        except Refusal as refusal:
+            return await self._store_refusal(draft, refusal)
+        return await self._accept(draft, records, state, worker)
+
+    async def _validate(
+        self,
+        payload: worker_pb2.SubmitPayload,
+        lease: Any,
+        worker: Worker,
+        signer: bytes,
+    ) -> tuple[list[RolloutRecord], RunState]:
+        ctx = self._ctx
+        if lease is None:
+            raise Refusal(
+                R.REJECTION_REASON_UNKNOWN_LEASE,
+                f"no lease {payload.lease_id!r} exists here: submit only leases this "
+                "coordinator issued",
+            )
+        state = ctx.runs.get(lease.run_id)
+        if state is None:
+            raise Refusal(
+                R.REJECTION_REASON_UNKNOWN_LEASE,
+                f"run {lease.run_id} of lease {lease.lease_id} is no longer served",
+            )
+        tasks = repo.lease_tasks(lease)
+        prompts = {}
+        for task in tasks:
+            pooled = state.pool.get(task.task_id)
+            if pooled is None:
+                raise Refusal(
+                    R.REJECTION_REASON_UNKNOWN_LEASE,
+                    f"task {task.task_id} of lease {lease.lease_id} is no longer in the run's "
+                    "task set: lease new work",
+                )
+            prompts[task.task_id] = pooled.prompt_ids
+        view = LeaseView(lease=lease, tasks=tasks, prompts=prompts)
+        now = ctx.now_ms()
+        check_lease_open(view, worker.worker_id, now)
+        run = await ctx.call(repo.get_run, ctx.db, lease.run_id)
+        assert run is not None  # a lease's run row is never deleted
+        check_policy_window(
+            int(payload.policy_version), run.latest_policy_version, run.max_policy_lag
+        )
+        records = check_batch(
+            payload,
+            view,
+            run_id=run.run_id,
+            worker_key_hex=signer.hex(),
+            group_size=run.group_size,
+            max_new_tokens=state.config.max_new_tokens,
+            reward_spec=state.reward_spec,
+            reward_spec_hash=run.reward_spec_hash,
+            now_ms=now,
+        )
+        return records, state
+
+    async def _store_refusal(
+        self, draft: batches.BatchDraft, refusal: Refusal
+    ) -> worker_pb2.SubmitRolloutsResponse:
+        ctx = self._ctx
+        rejected = batches.BatchDraft(
+            worker_id=draft.worker_id,
+            idempotency_key=draft.idempotency_key,
+            payload_sha256=draft.payload_sha256,
+            run_id=draft.run_id,
+            lease_id=draft.lease_id,
+            policy_version=draft.policy_version,
+            rejection=batches.Rejection(refusal.reason_name, refusal.message[:1024]),
+        )
+        try:
+            recorded = await ctx.call(batches.record_batch, ctx.db, rejected, ctx.now_ms())
+        except IdempotencyConflictError as exc:
+            return convert.refused_response(Refusal(R.REJECTION_REASON_CONFLICT, str(exc)))
+        if not recorded.created:
+            # A retry of a batch stored before: its original verdict stands.
+            return convert.submit_response(recorded.batch, replayed=True)
+        response = convert.submit_response(recorded.batch, replayed=False)
+        # Keep the pointers (task, sample) of this answer; the stored copy has none.
+        response.rejection.CopyFrom(refusal.to_proto())
+        return response
+
+    async def _accept(
+        self,
+        draft: batches.BatchDraft,
+        records: list[RolloutRecord],
+        state: RunState,
+        worker: Worker,
+    ) -> worker_pb2.SubmitRolloutsResponse:
+        ctx = self._ctx
+        key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
+        data = await asyncio.to_thread(to_parquet_bytes, records)
+        await ctx.call(ctx.objects.put, key, data)
+        audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
+        accepted = batches.BatchDraft(
+            worker_id=draft.worker_id,
+            idempotency_key=draft.idempotency_key,
+            payload_sha256=draft.payload_sha256,
+            run_id=draft.run_id,
+            lease_id=draft.lease_id,
+            policy_version=draft.policy_version,
+            object_key=key,
+            samples=[
+                batches.SampleIndex(
+                    row_index=i,
+                    task_id=r.task_id,
+                    sample_index=r.sample_index,
+                    completion_sha256=batches.completion_digest(r.task_id, r.completion_ids),
+                    n_completion_tokens=len(r.completion_ids),
+                    reward=r.reward,
+                )
+                for i, r in enumerate(records)
+            ],
+            audit_kinds=[AuditKind(k) for k in ctx.config.audit.kinds] if audit else (),
+        )
+        try:
+            recorded = await ctx.call(batches.record_batch, ctx.db, accepted, ctx.now_ms())
+        except DuplicateCompletionError as exc:
+            return await self._store_refusal(draft, Refusal(R.REJECTION_REASON_DUPLICATE, str(exc)))
+        except LeaseNotOpenError as exc:
+            reason = R.Value(f"REJECTION_REASON_{exc.reason}")
+            return await self._store_refusal(draft, Refusal(reason, str(exc)))
+        except IdempotencyConflictError as exc:
+            return convert.refused_response(Refusal(R.REJECTION_REASON_CONFLICT, str(exc)))
+        if recorded.created:
+            ctx.notify_accepted()
+            state.pool.give_back(draft.lease_id or "")
+        return convert.submit_response(recorded.batch, replayed=not recorded.created)
+
+    # ---------------------------------------------------------------- GetStatus
+
+    @guarded
+    async def GetStatus(
+        self, request: worker_pb2.GetStatusRequest, context: Any
+    ) -> worker_pb2.GetStatusResponse:
+        key = bytes(request.worker_public_key)
+        if key and len(key) != PUBLIC_KEY_BYTES:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"worker_public_key must be empty or {PUBLIC_KEY_BYTES} bytes, got {len(key)}",
+            )
+        if len(request.batch_ids) > _MAX_STATUS_BATCHES:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL, f"ask for at most {_MAX_STATUS_BATCHES} batch ids"
+            )
+        if request.batch_ids and not key:
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL, "batch_ids need the worker_public_key they belong to"
+            )
+        ctx = self._ctx
+        response = worker_pb2.GetStatusResponse(
+            workers_online=await ctx.call(
+                workers_online,
+                ctx.db,
+                now_ms=ctx.now_ms(),
+                heartbeat_interval_ms=self._heartbeat_ms(),
+            ),
+            runs=[convert.run_summary(r) for r in await self._runs()],
+        )
+        if key:
+            worker = await ctx.call(repo.get_worker, ctx.db, fingerprint(key))
+            if worker is not None:
+                response.worker.CopyFrom(convert.worker_status(worker))
+                found = await ctx.call(batches_of, ctx.db, list(request.batch_ids))
+                response.batches.extend(
+                    convert.batch_status(found[b])
+                    for b in request.batch_ids
+                    if b in found and found[b].worker_id == worker.worker_id
+                )
+        return response
+
+    # ---------------------------------------------------------------- ReleaseLease
+
+    @guarded
+    async def ReleaseLease(
+        self, request: worker_pb2.ReleaseLeaseRequest, context: Any
+    ) -> worker_pb2.ReleaseLeaseResponse:
+        signer, payload = await self._gate.open(request, _M + "ReleaseLease")
+        _printable(payload.reason, 256, "reason")
+        worker = await self._worker(signer)
+        ctx = self._ctx
+        try:
+            released = await ctx.call(
+                repo.release_lease, ctx.db, payload.lease_id, worker.worker_id, ctx.now_ms()
+            )
+        except NotFoundError as exc:
+            raise Refusal(R.REJECTION_REASON_UNKNOWN_LEASE, str(exc)) from exc
+        if released:
+            for state in ctx.runs.values():
+                state.pool.give_back(payload.lease_id)
+        return worker_pb2.ReleaseLeaseResponse(released=released)

@@ -1,0 +1,251 @@
+"""Register → publish → lease → submit → stream → ack over real gRPC on loopback, on
+SQLite and on a real PostgreSQL, with the local object store and with an S3-compatible
+server (moto); plus idempotent retries, lease expiry, audits and the admin service."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    A,
+    Clients,
+    Keys,
+    T,
+    W,
+    make_config,
+    make_samples,
+    signed,
+    submit_payload,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coderepair.coordinator.service.audit import AuditRequest, AuditResult
+from coderepair.coordinator.service.server import Coordinator
+from coderepair.coordinator.storage.objects import S3ObjectStore
+from coderepair.v1 import admin_pb2, common_pb2, trainer_pb2, worker_pb2
+
+
+async def _open(config: Any, **kwargs: Any) -> AsyncIterator[tuple[Coordinator, Clients]]:
+    coordinator = Coordinator(config, seed=0, **kwargs)
+    await coordinator.start()
+    clients = Clients(coordinator.address)
+    try:
+        yield coordinator, clients
+    finally:
+        await clients.close()
+        await coordinator.shutdown()
+
+
+async def _round_trip(coordinator: Coordinator, clients: Clients, keys: Keys, shards: Path) -> None:
+    worker = keys.workers[0]
+    registered = await clients.register(worker)
+    assert registered.state == common_pb2.WORKER_STATE_ACTIVE
+    assert [r.run_id for r in registered.runs] == ["r1"]
+    # No policy yet: no work, with a retry hint.
+    empty = await clients.lease(worker)
+    assert not empty.HasField("lease") and empty.retry_after_ms > 0
+    published = await clients.publish(keys.trainer, shards)
+    assert published.accepted, published.rejection.message
+    policy = await clients.worker.GetPolicy(worker_pb2.GetPolicyRequest(run_id="r1"))
+    assert [p.version for p in policy.chain] == [1]
+    leased = (await clients.lease(worker, max_tasks=2)).lease
+    assert len(leased.tasks) == 2 and leased.group_size == 2
+    assert all(len(t.seeds) == 2 and t.prompt_token_ids for t in leased.tasks)
+    payload = submit_payload(leased, make_samples(leased))
+    answer = await clients.submit(worker, payload)
+    assert answer.accepted, answer.rejection.message
+    assert answer.audit_pending  # streak 0: always audited
+    rows = await clients.stream(keys.trainer)
+    assert [r.cursor for r in rows] == [1, 2, 3, 4]
+    assert {r.batch_id for r in rows} == {answer.batch_id}
+    by_key = {(s.task_id, s.sample_index): s for s in payload.samples}
+    for row in rows:
+        sent = by_key[(row.sample.task_id, row.sample.sample_index)]
+        assert list(row.sample.completion_token_ids) == list(sent.completion_token_ids)
+        assert row.sample.seed == sent.seed and row.group_size == 2
+    # The G rows of a task are consecutive.
+    assert rows[0].sample.task_id == rows[1].sample.task_id
+    ack = trainer_pb2.AckPayload(run_id="r1", cursor=4, trainer_step=1)
+    acked = await clients.trainer.AckCursor(
+        trainer_pb2.AckCursorRequest(envelope=signed(keys.trainer, T + "AckCursor", ack))
+    )
+    assert (acked.acked_cursor, acked.head_cursor) == (4, 4)
+    assert await clients.stream(keys.trainer, after=4) == []
+    # The in-process audit passes and the (zero-length) window closes: credit granted.
+    for _ in range(100):
+        await coordinator.sweep_once()
+        status = await clients.worker.GetStatus(
+            worker_pb2.GetStatusRequest(
+                worker_public_key=worker.public_key, batch_ids=[answer.batch_id]
+            )
+        )
+        if status.batches[0].state == common_pb2.BATCH_STATE_ACCEPTED:
+            break
+        await asyncio.sleep(0.05)
+    assert status.batches[0].state == common_pb2.BATCH_STATE_ACCEPTED
+    assert status.worker.valid_streak == 1 and status.worker.credit_granted == 4 * 5
+    # Health and the admin view.
+    health = health_pb2_grpc.HealthStub(clients.channel)
+    checked = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    stats = await clients.admin.GetStats(
+        admin_pb2.GetStatsRequest(
+            envelope=signed(keys.admin, A + "GetStats", admin_pb2.GetStatsPayload())
+        )
+    )
+    assert stats.batches_accepted == 1 and stats.head_cursor == 4 and stats.acked_cursor == 4
+    assert stats.latest_policy_version == 1
+
+
+async def test_round_trip_sqlite(tmp_path: Path, assets: dict[str, Path], keys: Keys) -> None:
+    config = make_config(tmp_path, assets, keys)
+    async for coordinator, clients in _open(config):
+        await _round_trip(coordinator, clients, keys, assets["shards"])
+
+
+@pytest.mark.postgres
+async def test_round_trip_postgres(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys, postgres_url: str
+) -> None:
+    config = make_config(tmp_path, assets, keys, database_url=postgres_url)
+    async for coordinator, clients in _open(config):
+        await _round_trip(coordinator, clients, keys, assets["shards"])
+
+
+async def test_round_trip_s3(
+    tmp_path: Path,
+    assets: dict[str, Path],
+    keys: Keys,
+    s3_bucket: Callable[[], tuple[Any, str]],
+) -> None:
+    client, bucket = s3_bucket()
+    config = make_config(tmp_path, assets, keys)
+    store = S3ObjectStore(bucket, client, prefix="coordinator")
+    async for coordinator, clients in _open(config, object_store=store):
+        await _round_trip(coordinator, clients, keys, assets["shards"])
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="coordinator/runs/r1/batches/")
+    assert listed["KeyCount"] == 1
+
+
+async def test_retry_is_stored_once(tmp_path: Path, assets: dict[str, Path], keys: Keys) -> None:
+    config = make_config(tmp_path, assets, keys)
+    async for _coordinator, clients in _open(config):
+        worker = keys.workers[0]
+        await clients.register(worker)
+        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        leased = (await clients.lease(worker)).lease
+        payload = submit_payload(leased, make_samples(leased))
+        first = await clients.submit(worker, payload)
+        # The retry re-signs the same payload in a fresh envelope (new nonce).
+        again = await asyncio.gather(*(clients.submit(worker, payload) for _ in range(3)))
+        assert first.accepted and not first.replayed_response
+        for answer in again:
+            assert answer.accepted and answer.replayed_response
+            assert answer.batch_id == first.batch_id
+        rows = await clients.stream(keys.trainer)
+        assert len(rows) == 2
+        # The same key with other content is a conflict, answered in-band, not stored.
+        other = submit_payload(leased, make_samples(leased, salt="x"), payload.idempotency_key)
+        conflict = await clients.submit(worker, other)
+        assert not conflict.accepted
+        assert conflict.rejection.reason == common_pb2.REJECTION_REASON_CONFLICT
+        assert len(await clients.stream(keys.trainer)) == 2
+
+
+async def test_expired_lease_returns_tasks_to_pool(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    # Four fixture tasks, one per lease: the fifth lease must wait for an expiry.
+    config = make_config(tmp_path, assets, keys, run={"lease_ttl_s": 0.5, "max_tasks_per_lease": 4})
+    async for coordinator, clients in _open(config):
+        alice, bob = keys.workers[0], keys.workers[1]
+        for identity in (alice, bob):
+            await clients.register(identity)
+        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        held = (await clients.lease(alice, max_tasks=4)).lease
+        assert len(held.tasks) == 4
+        none = await clients.lease(bob)
+        assert not none.HasField("lease") and none.retry_after_ms > 0
+        await asyncio.sleep(0.6)
+        await coordinator.sweep_once()
+        again = (await clients.lease(bob, max_tasks=4)).lease
+        assert {t.task_id for t in again.tasks} == {t.task_id for t in held.tasks}
+        late = await clients.submit(alice, submit_payload(held, make_samples(held)))
+        assert not late.accepted
+        assert late.rejection.reason == common_pb2.REJECTION_REASON_LEASE_EXPIRED
+        # Heartbeat tells alice to stop working on it.
+        beat = worker_pb2.HeartbeatPayload(
+            activity=worker_pb2.WORKER_ACTIVITY_WORKING, lease_ids=[held.lease_id]
+        )
+        answer = await clients.worker.Heartbeat(
+            worker_pb2.HeartbeatRequest(envelope=signed(alice, W + "Heartbeat", beat))
+        )
+        assert list(answer.revoked_lease_ids) == [held.lease_id]
+
+
+async def test_release_returns_tasks(tmp_path: Path, assets: dict[str, Path], keys: Keys) -> None:
+    config = make_config(tmp_path, assets, keys, run={"max_tasks_per_lease": 4})
+    async for _coordinator, clients in _open(config):
+        worker = keys.workers[0]
+        await clients.register(worker)
+        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        held = (await clients.lease(worker, max_tasks=4)).lease
+        release = worker_pb2.ReleasePayload(lease_id=held.lease_id, reason="ctrl-c")
+        request = worker_pb2.ReleaseLeaseRequest(
+            envelope=signed(worker, W + "ReleaseLease", release)
+        )
+        assert (await clients.worker.ReleaseLease(request)).released
+        request.envelope = signed(worker, W + "ReleaseLease", release)
+        assert not (await clients.worker.ReleaseLease(request)).released
+        assert len((await clients.lease(worker, max_tasks=4)).lease.tasks) == 4
+
+
+class RejectLongCompletions:
+    """An auditor that fails batches with completions over 3 tokens (a stand-in policy
+    for "this worker cheats", so the void/streak/ban path runs end to end)."""
+
+    def __call__(self, request: AuditRequest) -> AuditResult:
+        if any(len(r.completion_ids) > 3 for r in request.records):
+            return AuditResult("failed", "completion too long for this test", {"tokens": 5.0})
+        return AuditResult("passed", "ok")
+
+
+async def test_failed_audits_void_and_ban(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    config = make_config(tmp_path, assets, keys, audit={"max_failed_audits": 2, "window_s": 60})
+    async for coordinator, clients in _open(config, auditor=RejectLongCompletions()):
+        worker = keys.workers[0]
+        await clients.register(worker)
+        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        for attempt in range(2):
+            leased = (await clients.lease(worker)).lease
+            answer = await clients.submit(
+                worker, submit_payload(leased, make_samples(leased, salt=str(attempt)))
+            )
+            assert answer.accepted and answer.audit_pending
+            for _ in range(100):
+                status = await clients.worker.GetStatus(
+                    worker_pb2.GetStatusRequest(
+                        worker_public_key=worker.public_key, batch_ids=[answer.batch_id]
+                    )
+                )
+                if status.batches[0].state == common_pb2.BATCH_STATE_VOIDED:
+                    break
+                await asyncio.sleep(0.05)
+            assert status.batches[0].rejection.reason == common_pb2.REJECTION_REASON_AUDIT_REWARD
+        assert status.worker.state == common_pb2.WORKER_STATE_BANNED
+        assert status.worker.batches_voided == 2 and status.worker.credit_pending == 0
+        # Voided rows are skipped by the stream.
+        assert await clients.stream(keys.trainer) == []
+        listed = await clients.admin.ListAudits(
+            admin_pb2.ListAuditsRequest(
+                envelope=signed(keys.admin, A + "ListAudits", admin_pb2.ListAuditsPayload())
+            )
+        )
+        assert [a.verdict for a in listed.audits] == [admin_pb2.AUDIT_VERDICT_FAILED] * 2
+        del coordinator
