@@ -172,12 +172,6 @@ def test_json_logs_flag_switches_the_log_format() -> None:
     assert entry["logger"] == "coderepair.x"
 
 
-def test_join_is_a_stub_for_now() -> None:
-    result = runner.invoke(app, ["join", "--coordinator", "a:1"])
-    assert result.exit_code == 2
-    assert "not yet implemented in this build" in result.output
-
-
 def test_doctor_json_reports_the_unreachable_coordinator() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

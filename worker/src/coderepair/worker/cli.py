@@ -457,11 +457,88 @@ def _coordinator_status(address: str, public_key: bytes, timeout_s: float = 3.0)
 # ---------------------------------------------------------------- join
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def join(ctx: typer.Context) -> None:
-    """Join the network and produce rollouts (not yet implemented in this build)."""
-    typer.echo("coderepair-worker join: not yet implemented in this build", err=True)
-    raise typer.Exit(EXIT_USAGE)
+@app.command()
+def join(  # noqa: PLR0917  (typer passes options positionally)
+    ctx: typer.Context,
+    coordinator: _CoordinatorOpt = None,
+    run_id: _RunIdOpt = None,
+    key: _KeyOpt = None,
+    trainer_key: _TrainerKeyOpt = None,
+    engine: _EngineOpt = None,
+    sandbox: _SandboxOpt = None,
+    cache_dir: _CacheDirOpt = None,
+    display_name: Annotated[
+        str | None, typer.Option("--display-name", help="Name on the dashboard (display_name).")
+    ] = None,
+    cpu_threads: Annotated[
+        int | None, typer.Option("--cpu-threads", help="CPU threads for the engine (cpu_threads).")
+    ] = None,
+    max_sandboxes: Annotated[
+        int | None,
+        typer.Option("--max-sandboxes", help="Sandboxes running at once (max_sandboxes)."),
+    ] = None,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="Directory of the run's base model (config.json + tokenizer), when the "
+            "run's base_model_id is not a local directory or SmolLM2.",
+        ),
+    ] = None,
+    max_tasks: Annotated[
+        int, typer.Option("--max-tasks", min=1, max=256, help="Tasks asked for per lease.")
+    ] = 2,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout", min=0.0, help="Seconds to finish leases in hand when leaving."
+        ),
+    ] = 60.0,
+    policy_poll: Annotated[
+        float,
+        typer.Option("--policy-poll", min=0.1, help="Seconds between checks for a new policy."),
+    ] = 15.0,
+) -> None:
+    """Join the network: register, fetch the policy, produce rollouts until Ctrl-C.
+
+    Ctrl-C (or SIGTERM) once: finish or release the leases in hand and exit 0. Twice:
+    exit at once, leaving the leases to expire.
+    """
+    config = _load(
+        ctx,
+        coordinator=coordinator,
+        run_id=run_id,
+        key_path=key,
+        trainer_public_key=trainer_key,
+        engine=engine,
+        sandbox=sandbox,
+        cache_dir=cache_dir,
+        display_name=display_name,
+        cpu_threads=cpu_threads,
+        max_sandboxes=max_sandboxes,
+    )
+    if config.coordinator is None:
+        typer.echo(
+            "error: no coordinator: pass --coordinator HOST:PORT or set coordinator in "
+            "worker.toml / CODEREPAIR_WORKER_COORDINATOR",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    from coderepair.worker.join import JoinOptions  # noqa: PLC0415
+    from coderepair.worker.join import join as run_join  # noqa: PLC0415
+
+    if config.json_logs:
+        _configure_logging(True, logging.INFO)
+    code = run_join(
+        config,
+        JoinOptions(
+            base_model=base_model,
+            max_tasks=max_tasks,
+            drain_timeout_s=drain_timeout,
+            policy_poll_s=policy_poll,
+        ),
+    )
+    raise typer.Exit(code)
 
 
 def main() -> None:
