@@ -10,14 +10,32 @@ the rollout, plus a two-sided cap δ on the ratio even for negative advantages.
 
 from __future__ import annotations
 
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import EnvSettingsSource
+from pydantic_settings.exceptions import SettingsError
 
 from coderepair.protocol.errors import ProtocolError
 
-__all__ = ["ConfigError", "LossConfig", "MetricsConfig", "TrainerConfig", "load_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "CoordinatorClientConfig",
+    "EvalConfig",
+    "LossConfig",
+    "MetricsConfig",
+    "StoreConfig",
+    "TrainerConfig",
+    "load_config",
+    "load_run_config",
+]
+
+ENV_PREFIX = "CODEREPAIR_TRAINER_"
+"""Environment variables with this prefix override the TOML file (nested: ``__``)."""
 
 
 class ConfigError(ProtocolError):
@@ -105,6 +123,96 @@ class MetricsConfig(BaseModel):
         return self
 
 
+class CoordinatorClientConfig(BaseModel):
+    """Where the rollouts come from and where versions are announced (TrainerService)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str = Field(
+        min_length=1,
+        description="host:port of the coordinator's gRPC endpoint, e.g. '127.0.0.1:7443'.",
+    )
+    run_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="The coordinator run this trainer trains (its [[runs]] run_id); the "
+        "coordinator's config must name this trainer's public key as the run's "
+        "trainer_public_key.",
+    )
+    buffer_rows: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Rows read ahead of the trainer. When the buffer is full the stream is "
+        "not read, so gRPC flow control stops the coordinator (back-pressure).",
+    )
+    reconnect_max_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="Give up (typed error) when the coordinator stays UNAVAILABLE this long; "
+        "shorter outages are retried with exponential back-off from the last row received.",
+    )
+    rpc_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="Deadline of unary calls (AckCursor, PublishPolicy)."
+    )
+
+
+class StoreConfig(BaseModel):
+    """The object store the published shards are uploaded to (workers download from it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["local", "s3"] = Field(
+        default="local",
+        description="'local': a directory (shards announced as file:// URLs; workers must "
+        "see the same filesystem). 's3': an S3 bucket through boto3 (`pip install boto3`).",
+    )
+    path: Path | None = Field(
+        default=None, description="Directory of the local store; required for kind 'local'."
+    )
+    bucket: str | None = Field(default=None, description="S3 bucket; required for kind 's3'.")
+    prefix: str = Field(default="", description="Key prefix inside the bucket (S3 only).")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, moto); None = AWS."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> StoreConfig:
+        if self.kind == "local" and self.path is None:
+            raise ValueError("store.kind is 'local' but store.path is not set: name a directory")
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("store.kind is 's3' but store.bucket is not set: name the bucket")
+        return self
+
+
+class EvalConfig(BaseModel):
+    """pass@k on the held-out repair tasks (``coderepair-trainer eval``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks_path: Path | None = Field(
+        default=None,
+        description="Task-set file (JSONL, `coderepair-coordinator tasks build`); its "
+        "'heldout' split is evaluated. None: the bundled fixture tasks.",
+    )
+    samples: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Completions sampled per task (n). pass@k is reported for k in "
+        "{1, 8, 64} up to n, with the unbiased estimator.",
+    )
+    max_tasks: int | None = Field(
+        default=None, ge=1, description="Evaluate at most this many held-out tasks."
+    )
+    max_new_tokens: int = Field(default=1024, ge=1, description="Tokens per completion.")
+    temperature: float = Field(default=1.0, ge=0.0, description="Sampling temperature.")
+    seed: int = Field(default=0, ge=0, description="Seeds of the samples are derived from it.")
+    sandbox_backend: Literal["docker", "bubblewrap"] | None = Field(
+        default=None, description="Preferred sandbox backend; None = the first that works."
+    )
+    timeout_s: float = Field(default=10.0, gt=0.0, le=600.0, description="Per test job.")
+
+
 class TrainerConfig(BaseModel):
     """One training run: model, batch shape, async rules, optimiser, loss and outputs."""
 
@@ -187,12 +295,41 @@ class TrainerConfig(BaseModel):
         gt=0.0,
         description="Watchdog: warn when the trainer has waited this long for rollouts.",
     )
+    coordinator: CoordinatorClientConfig | None = Field(
+        default=None,
+        description="The coordinator to stream rollouts from and announce versions to; "
+        "None = offline run on rollouts_parquet.",
+    )
+    rollouts_parquet: list[Path] = Field(
+        default_factory=list,
+        description="Offline runs (no coordinator): rollout Parquet files read in order.",
+    )
+    key_file: Path = Field(
+        default=Path("trainer-key.pem"),
+        description="The trainer's Ed25519 key (PEM, mode 0600) that signs RPCs and "
+        "manifests; created if absent. Its public key is the coordinator run's "
+        "trainer_public_key.",
+    )
+    store: StoreConfig | None = Field(
+        default=None, description="Object store for published versions; None = no publishing."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out pass@k.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         beta1, beta2 = self.adam_betas
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"adam_betas={self.adam_betas}: both betas must lie in [0, 1)")
+        if self.coordinator is not None and self.rollouts_parquet:
+            raise ValueError(
+                "both coordinator and rollouts_parquet are set: a run reads one source; "
+                "remove rollouts_parquet to train on the coordinator's stream"
+            )
+        if self.publish and self.store is None:
+            raise ValueError(
+                "publish settings are given but no store: add a [store] section (local path "
+                "or S3 bucket) for the shards, or remove [publish]"
+            )
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}: the run "
@@ -216,3 +353,67 @@ def load_config(data: dict[str, Any]) -> TrainerConfig:
             for err in exc.errors()
         )
         raise ConfigError(f"invalid trainer config: {problems}") from exc
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a file are relative to the file, so a config works from anywhere."""
+
+    def path(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base / value
+            return str(candidate)
+        return value
+
+    out = dict(data)
+    for key in ("output_dir", "key_file"):
+        if key in out:
+            out[key] = path(out[key])
+    if isinstance(out.get("model"), str) and (base / out["model"]).exists():
+        out["model"] = path(out["model"])
+    if isinstance(out.get("rollouts_parquet"), list):
+        out["rollouts_parquet"] = [path(p) for p in out["rollouts_parquet"]]
+    for section, key in (("store", "path"), ("eval", "tasks_path")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {**out[section], key: path(out[section][key])}
+    return out
+
+
+def load_run_config(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> TrainerConfig:
+    """TOML file (optional) < environment ``CODEREPAIR_TRAINER_*`` < ``overrides`` (flags).
+
+    Nested fields use ``__`` in variable names (``CODEREPAIR_TRAINER_COORDINATOR__ADDRESS``);
+    complex values are JSON. Relative paths in the file resolve against its directory.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = _resolve(tomllib.loads(path.read_text()), path.resolve().parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML ({exc}): fix the syntax") from None
+    try:
+        env = EnvSettingsSource(
+            TrainerConfig,  # type: ignore[arg-type]  # a BaseModel works as the schema
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+        )()
+    except SettingsError as exc:
+        raise ConfigError(
+            f"an environment variable {ENV_PREFIX}* cannot be parsed ({exc}): complex values "
+            "are JSON, e.g. CODEREPAIR_TRAINER_ROLLOUTS_PARQUET='[\"a.parquet\"]'"
+        ) from None
+    return load_config(_deep_merge(_deep_merge(data, env), overrides or {}))
