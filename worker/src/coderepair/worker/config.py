@@ -32,6 +32,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from coderepair.protocol.errors import ProtocolError
@@ -161,6 +162,26 @@ class WorkerConfig(BaseSettings):
         default_factory=default_cache_dir,
         description="Where policy weights are downloaded and kept. Default: worker/ in the "
         "user cache dir (~/.cache/coderepair on Linux).",
+    )
+    p2p: bool = Field(
+        default=False,
+        description="Share policy shards with other workers over libp2p (needs the extra "
+        "`coderepair-worker[p2p]`): less load on the origin, the same hash checks. "
+        "Default: false.",
+    )
+    p2p_listen: tuple[str, ...] = Field(
+        default=("/ip4/0.0.0.0/tcp/4001",),
+        description="Multiaddrs the peer host listens on. Default: /ip4/0.0.0.0/tcp/4001.",
+    )
+    p2p_bootstrap: tuple[str, ...] = Field(
+        default=(),
+        description="Peers to dial at start (multiaddrs with /p2p/<peer id>), in addition to "
+        "those the coordinator hands out. Default: none.",
+    )
+    p2p_mdns: bool = Field(
+        default=True,
+        description="Find peers on the local network with mDNS (only when p2p is on). "
+        "Default: true.",
     )
     json_logs: bool = Field(
         default=False,
@@ -304,7 +325,15 @@ def load_config(
     env_fields = _environment_fields(os.environ)
     # pydantic-settings reads the variables (prefix, case rules) as raw values; the
     # model validates them below with everything else.
-    env_data = EnvSettingsSource(WorkerConfig)()
+    try:
+        env_data = EnvSettingsSource(WorkerConfig)()
+    except SettingsError as exc:
+        # List fields (p2p_listen, p2p_bootstrap) are read from the environment as JSON.
+        raise ConfigError(
+            f"invalid worker configuration: {exc}; list values in CODEREPAIR_WORKER_* "
+            "variables are JSON, "
+            "e.g. '[\"/ip4/1.2.3.4/tcp/4001/p2p/<peer id>\"]'"
+        ) from None
     flags = {key: value for key, value in (overrides or {}).items() if value is not None}
     unknown_flags = sorted(set(flags) - set(WorkerConfig.model_fields))
     if unknown_flags:

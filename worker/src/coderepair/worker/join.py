@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coderepair.protocol.errors import ProtocolError
 from coderepair.protocol.identity import Identity
@@ -44,6 +44,9 @@ from coderepair.worker.engines.base import Engine
 from coderepair.worker.loop import LoopConfig, PolicyHolder, WorkLoop
 from coderepair.worker.sandbox.base import SandboxError
 from coderepair.worker.view import JsonView, LiveView, View, WorkerStats
+
+if TYPE_CHECKING:
+    from coderepair.worker.p2p import PeerNetwork
 
 __all__ = ["JoinError", "JoinOptions", "join", "resolve_base_model"]
 
@@ -224,44 +227,97 @@ async def _join(config: WorkerConfig, options: JoinOptions, stats: WorkerStats, 
         weights = PolicyWeights(
             WeightsConfig(trainer_key=trainer_key, cache_dir=config.cache_dir / "weights")
         )
-        policy = PolicyHolder(client, weights, engine, run_id=run.run_id, view=view, stats=stats)
-        await _first_policy(client, policy, run.run_id, options, view)
-        state["policy_version"] = policy.engine_version
-        write_state(config.state_path, state)
-
-        from coderepair.worker.sandbox import SandboxLimits, select_sandbox  # noqa: PLC0415
-
-        prefer = None if config.sandbox == "auto" else config.sandbox
-        sandbox = await asyncio.to_thread(
-            select_sandbox, SandboxLimits(), prefer, pool_size=config.max_sandboxes
-        )
-        stats.sandbox = sandbox.name
-        view.event("sandbox", f"sandbox {sandbox.name}", sandbox=sandbox.name)
+        peers = await _start_peers(config, run.run_id, trainer_key, view)
         try:
-            loop = WorkLoop(
-                client=client,
-                engine=engine,
-                sandbox=sandbox,
-                policy=policy,
-                config=LoopConfig(
-                    run_id=run.run_id,
-                    max_tasks=options.max_tasks,
-                    max_sandboxes=config.max_sandboxes,
-                    heartbeat_s=max(0.5, answer.heartbeat_interval_ms / 1000.0 or 10.0),
-                    policy_poll_s=options.policy_poll_s,
-                    drain_timeout_s=options.drain_timeout_s,
-                ),
-                stats=stats,
-                view=view,
+            policy = PolicyHolder(
+                client, weights, engine, run_id=run.run_id, view=view, stats=stats, peers=peers
             )
-            _install_signals(loop, view)
-            await loop.run()
+            await _first_policy(client, policy, run.run_id, options, view)
+            await _work(
+                config, options, client, engine, policy, answer, run.run_id, state, stats, view
+            )
         finally:
-            await asyncio.to_thread(sandbox.close)
-        state["policy_version"] = policy.engine_version
-        write_state(config.state_path, state)
+            if peers is not None:
+                await peers.shutdown()
     view.event("left", "left cleanly", **stats.to_dict())
     return EXIT_OK
+
+
+async def _start_peers(
+    config: WorkerConfig, run_id: str, trainer_key: str, view: View
+) -> PeerNetwork | None:
+    """The libp2p peer network when `p2p` is on (shards shared between workers)."""
+    if not config.p2p:
+        return None
+    try:
+        from coderepair.worker.p2p import PeerConfig, PeerNetwork  # noqa: PLC0415
+    except ImportError as exc:
+        raise JoinError(
+            f"p2p is on but libp2p is not installed ({exc}); install "
+            "`coderepair-worker[p2p]` or set p2p = false"
+        ) from None
+    peers = PeerNetwork(
+        PeerConfig(
+            run_id=run_id,
+            trainer_key=trainer_key,
+            store_dir=config.cache_dir / "peers" / run_id,
+            listen_addrs=config.p2p_listen,
+            bootstrap=config.p2p_bootstrap,
+            mdns=config.p2p_mdns,
+        )
+    )
+    await peers.start()
+    view.event("peers", f"peer network up as {peers.peer_id}", peer_id=peers.peer_id)
+    return peers
+
+
+async def _work(  # noqa: PLR0917  (the pieces join has built, in order)
+    config: WorkerConfig,
+    options: JoinOptions,
+    client: CoordinatorClient,
+    engine: Engine,
+    policy: PolicyHolder,
+    answer: Any,
+    run_id: str,
+    state: dict[str, Any],
+    stats: WorkerStats,
+    view: View,
+) -> None:
+    """Open the sandbox and run the work loop until it drains."""
+    state["policy_version"] = policy.engine_version
+    write_state(config.state_path, state)
+
+    from coderepair.worker.sandbox import SandboxLimits, select_sandbox  # noqa: PLC0415
+
+    prefer = None if config.sandbox == "auto" else config.sandbox
+    sandbox = await asyncio.to_thread(
+        select_sandbox, SandboxLimits(), prefer, pool_size=config.max_sandboxes
+    )
+    stats.sandbox = sandbox.name
+    view.event("sandbox", f"sandbox {sandbox.name}", sandbox=sandbox.name)
+    try:
+        loop = WorkLoop(
+            client=client,
+            engine=engine,
+            sandbox=sandbox,
+            policy=policy,
+            config=LoopConfig(
+                run_id=run_id,
+                max_tasks=options.max_tasks,
+                max_sandboxes=config.max_sandboxes,
+                heartbeat_s=max(0.5, answer.heartbeat_interval_ms / 1000.0 or 10.0),
+                policy_poll_s=options.policy_poll_s,
+                drain_timeout_s=options.drain_timeout_s,
+            ),
+            stats=stats,
+            view=view,
+        )
+        _install_signals(loop, view)
+        await loop.run()
+    finally:
+        await asyncio.to_thread(sandbox.close)
+    state["policy_version"] = policy.engine_version
+    write_state(config.state_path, state)
 
 
 def _pick_run(runs: list[common_pb2.RunSummary], wanted: str | None) -> common_pb2.RunSummary:

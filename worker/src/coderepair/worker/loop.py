@@ -47,6 +47,7 @@ from coderepair.worker.view import View, WorkerStats
 if TYPE_CHECKING:
     import torch
 
+    from coderepair.worker.p2p import PeerNetwork
     from coderepair.worker.weights import PolicyWeights
 
 __all__ = ["LoopConfig", "LoopError", "PolicyHolder", "WorkLoop"]
@@ -94,8 +95,10 @@ class PolicyHolder:
         run_id: str,
         view: View,
         stats: WorkerStats,
+        peers: PeerNetwork | None = None,
     ) -> None:
         self._client = client
+        self._peers = peers
         self._weights = weights
         self._engine = engine
         self._run_id = run_id
@@ -141,6 +144,11 @@ class PolicyHolder:
         self._view.download(label, total)
         started = time.monotonic()
         try:
+            if self._peers is not None:
+                # Peers first, the origin as fallback; every byte is hash-checked either way.
+                if info.peer_bootstrap:
+                    await self._peers.connect(list(info.peer_bootstrap))
+                sources = await self._peers.prefetch(bytes(info.manifest_json), sources)
             update = await asyncio.to_thread(
                 self._weights.apply, bytes(info.manifest_json), sources
             )
@@ -155,6 +163,9 @@ class PolicyHolder:
             policy_kind=update.kind,
             bytes=update.download_bytes,
         )
+        if self._peers is not None:
+            with contextlib.suppress(ProtocolError):  # only manifests over 1 MiB are refused
+                await self._peers.announce(bytes(info.manifest_json))
         return {**changed, **update.tensors}
 
     @property
