@@ -498,6 +498,14 @@ def join(  # noqa: PLR0917  (typer passes options positionally)
         float,
         typer.Option("--policy-poll", min=0.1, help="Seconds between checks for a new policy."),
     ] = 15.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout",
+            min=1.0,
+            help="Seconds to keep trying a coordinator that does not answer before giving up.",
+        ),
+    ] = 60.0,
 ) -> None:
     """Join the network: register, fetch the policy, produce rollouts until Ctrl-C.
 
@@ -536,6 +544,7 @@ def join(  # noqa: PLR0917  (typer passes options positionally)
             max_tasks=max_tasks,
             drain_timeout_s=drain_timeout,
             policy_poll_s=policy_poll,
+            connect_timeout_s=connect_timeout,
         ),
     )
     raise typer.Exit(code)

@@ -72,6 +72,8 @@ class JoinOptions:
     wait_for_policy_s: float = 600.0
     drain_timeout_s: float = 60.0
     policy_poll_s: float = 15.0
+    connect_timeout_s: float = 60.0
+    """How long join waits for a coordinator that does not answer (one restarting)."""
 
 
 # ---------------------------------------------------------------- state file
@@ -178,7 +180,7 @@ async def _join(config: WorkerConfig, options: JoinOptions, stats: WorkerStats, 
     view.event("identity", f"worker id {identity.key_id} (key {config.key_path})")
     # Joining should wait out a coordinator that is restarting, not one that is gone.
     async with CoordinatorClient(
-        config.coordinator, identity, retry=RetryPolicy(max_elapsed_s=60.0)
+        config.coordinator, identity, retry=RetryPolicy(max_elapsed_s=options.connect_timeout_s)
     ) as client:
         answer = await client.register(
             config.display_name,
