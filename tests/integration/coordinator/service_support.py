@@ -123,6 +123,8 @@ def make_config(
         "object_store": object_store or {"kind": "local", "path": str(tmp_path / "objects")},
         "audit": {"window_s": 0.0, "poll_s": 0.05, **(audit or {})},
         "admin": {"public_keys": [keys.admin.public_key_hex]},
+        # Port 0: parallel test coordinators must not collide on the default 9464.
+        "dashboard": {"port": 0},
         "runs": [
             {
                 "run_id": "r1",

@@ -14,7 +14,17 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import A, Clients, Keys, T, W, make_config, make_samples, signed, submit_payload
+from service_support import (
+    A,
+    Clients,
+    Keys,
+    T,
+    W,
+    make_config,
+    make_samples,
+    signed,
+    submit_payload,
+)
 
 from coderepair.coordinator.service.server import Coordinator
 from coderepair.protocol import rpc

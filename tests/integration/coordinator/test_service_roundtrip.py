@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_support import (
     A,
     Clients,
     Keys,
@@ -21,7 +22,6 @@ from conftest import (
     signed,
     submit_payload,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coderepair.coordinator.service.audit import AuditRequest, AuditResult
 from coderepair.coordinator.service.server import Coordinator

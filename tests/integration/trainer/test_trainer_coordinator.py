@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 
 def _helpers() -> ModuleType:
     """The coordinator service tests' helpers (same world: config, keys, samples)."""
-    path = HERE.parent / "coordinator" / "conftest.py"
+    path = HERE.parent / "coordinator" / "service_support.py"
     spec = importlib.util.spec_from_file_location("coordinator_service_helpers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -24,7 +24,7 @@ from coderepair.coordinator.storage.errors import (
 from coderepair.coordinator.storage.models import AuditKind, BatchState, LeaseState, Worker
 
 if TYPE_CHECKING:
-    from conftest import StorageWorld
+    from storage_support import StorageWorld
 
 T0 = 1_700_000_000_000
 G = 4

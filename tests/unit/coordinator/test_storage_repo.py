@@ -18,7 +18,7 @@ from coderepair.coordinator.storage.models import LeaseState, PolicyKind, Worker
 from coderepair.protocol.identity import fingerprint
 
 if TYPE_CHECKING:
-    from conftest import StorageWorld
+    from storage_support import StorageWorld
 
 T0 = 1_700_000_000_000
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from coderepair.coordinator.service.commands import admin_app, serve_command
+from coderepair.coordinator.service.commands import admin_app, serve_command, validator_command
 from coderepair.protocol._cli import version_callback
 
 app = typer.Typer(
@@ -47,7 +47,25 @@ tasks_app = typer.Typer(
 )
 app.add_typer(tasks_app)
 app.command("serve")(serve_command)
+app.command("validator")(validator_command)
 app.add_typer(admin_app)
+
+
+@app.command(
+    "calibrate",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def calibrate(ctx: typer.Context) -> None:
+    """Measure validator thresholds on honest and cheating runs (`calibrate --help`)."""
+    # The calibration imports torch and transformers: load it only when asked for, so the
+    # rest of the CLI keeps a fast --help. Its own options are parsed by its own app.
+    from coderepair.worker.calibrate import calibrate_command  # noqa: PLC0415
+
+    sub = typer.Typer(add_completion=False)
+    sub.command()(calibrate_command)
+    sub(args=ctx.args, prog_name="coderepair-coordinator calibrate")
+
 
 Backend = Literal["docker", "bubblewrap", "auto"]
 

@@ -28,6 +28,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from coderepair.coordinator.dashboard.config import DashboardConfig
 from coderepair.protocol.errors import ProtocolError
 from coderepair.protocol.rpc import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -36,6 +37,7 @@ __all__ = [
     "AuditConfig",
     "ConfigError",
     "CoordinatorConfig",
+    "DashboardConfig",
     "DatabaseConfig",
     "ObjectStoreConfig",
     "RunConfig",
@@ -303,9 +305,46 @@ class AuditConfig(_Section):
     kinds: tuple[Literal["proof", "sampling", "reward"], ...] = Field(
         default=("reward",),
         min_length=1,
-        description="Audit jobs queued for a sampled batch. The in-process auditor "
-        "(`ConsistencyAuditor`) re-checks stored records without a model; proof and "
-        "sampling audits need a validator with the policy loaded.",
+        description="Audit jobs queued for a sampled batch: 'proof' (TOPLOC prefill), "
+        "'sampling' (seeded sampling replay and behaviour logprobs), 'reward' (the patch "
+        "re-run in the coordinator's sandbox). Proof and sampling need the model auditor.",
+    )
+    auditor: Literal["auto", "model", "consistency"] = Field(
+        default="auto",
+        description="Which auditor runs the jobs. 'model': `ModelAuditor` (the policy "
+        "loaded from the published versions, the reward re-run in a sandbox); "
+        "'consistency': `ConsistencyAuditor` (re-derives reward totals from stored terms, "
+        "no model, no sandbox; proof and sampling jobs end in error); 'auto': 'model' when "
+        "audit.policy_dir is set, else 'consistency'.",
+    )
+    policy_dir: Path | None = Field(
+        default=None,
+        description="Directory of the run's base model (Hugging Face layout: config.json, "
+        "tokenizer files, weights). The model auditor builds the model from it and then "
+        "loads each audited policy version's published weights (full checkpoint plus "
+        "deltas, verified against the run's trainer key) over it.",
+    )
+    sandbox: Literal["auto", "docker", "bubblewrap"] = Field(
+        default="auto",
+        description="Sandbox backend of reward re-runs: 'docker' (warm pool), 'bubblewrap' "
+        "(fallback), 'auto' (what `select_sandbox` finds on this machine).",
+    )
+    sandbox_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Reward re-runs in flight at once (and warm containers with Docker).",
+    )
+    model_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="CPU threads of the auditor's model (None: torch's default). Keep it "
+        "below the core count so that ingest keeps a core.",
+    )
+    weights_cache_dir: Path = Field(
+        default=Path("coordinator-weights"),
+        description="Folder for partial policy shard downloads of the model auditor.",
     )
     in_process: bool = Field(
         default=True,
@@ -321,6 +360,21 @@ class AuditConfig(_Section):
     max_attempts: int = Field(
         default=3, ge=1, le=100, description="Attempts of an audit that errors (not fails)."
     )
+
+    @model_validator(mode="after")
+    def _auditor_can_run(self) -> AuditConfig:
+        if self.auditor == "model" and self.policy_dir is None:
+            raise ValueError(
+                "audit.auditor = 'model' needs audit.policy_dir: give the base model's "
+                "directory, or set audit.auditor = 'consistency'"
+            )
+        return self
+
+    def resolved_auditor(self) -> Literal["model", "consistency"]:
+        """The auditor 'auto' stands for with this configuration."""
+        if self.auditor == "auto":
+            return "model" if self.policy_dir is not None else "consistency"
+        return self.auditor
 
 
 class AdminConfig(_Section):
@@ -358,6 +412,11 @@ class CoordinatorConfig(BaseSettings):
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit stage.")
     admin: AdminConfig = Field(default_factory=AdminConfig, description="Admin access.")
+    dashboard: DashboardConfig = Field(
+        default_factory=DashboardConfig,
+        description="The operators' web dashboard, /api/stats, Prometheus /metrics and "
+        "/healthz (a [dashboard] table; loopback port 9464 unless told otherwise).",
+    )
     runs: tuple[RunConfig, ...] = Field(
         default=(), description="Runs served; each a [[runs]] table in the TOML file."
     )
@@ -470,6 +529,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     store = out.get("object_store")
     if isinstance(store, dict) and "path" in store:
         out["object_store"] = {**store, "path": resolve(store["path"])}
+    audit = out.get("audit")
+    if isinstance(audit, dict):
+        out["audit"] = {
+            **audit,
+            **{k: resolve(audit[k]) for k in ("policy_dir", "weights_cache_dir") if k in audit},
+        }
     runs = out.get("runs")
     if isinstance(runs, list):
         out["runs"] = [

@@ -14,9 +14,13 @@ Auditors:
   for the run's spec, the malformed case is exactly the spec's malformed reward, the
   length penalty matches the completion's token count, and the total is their clamped
   sum. PROOF and SAMPLING jobs need the policy's weights: it answers ERROR for them.
-- The full audit (TOPLOC prefill + sampling replay through `coderepair.worker.validator`
-  with the policy version loaded, and the reward re-run in the coordinator's sandbox)
-  plugs in through the same interface: pass it as ``Coordinator(auditor=...)``.
+- `coderepair.coordinator.service.auditor.ModelAuditor`: the full audit (TOPLOC prefill
+  + sampling replay through `coderepair.worker.validator` with the policy version
+  loaded, and the reward re-run in the coordinator's sandbox), through the same
+  interface; `build_auditor` there picks one from ``audit.auditor``.
+
+Every finished job is counted on the context's `CoordinatorMetrics` (verdicts by kind,
+batches voided by reason), which the dashboard's /metrics serves.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from coderepair.coordinator.service.context import ServiceContext
+from coderepair.coordinator.service.scheduler import PooledTask
 from coderepair.coordinator.storage import audits, batches
 from coderepair.coordinator.storage.errors import JobNotClaimedError
 from coderepair.coordinator.storage.models import AuditJob, AuditKind, AuditState
@@ -68,6 +73,12 @@ _TERMS = frozenset(
     }
 )
 _TOLERANCE = 1e-9
+# The rejection reason a failed audit voids its batch with (as storage.audits records it).
+_VOID_REASON = {
+    AuditKind.PROOF: "AUDIT_PROOF",
+    AuditKind.SAMPLING: "AUDIT_SAMPLING",
+    AuditKind.REWARD: "AUDIT_REWARD",
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,11 @@ class AuditRequest:
     policy_version: int
     reward_spec: RewardSpec
     records: Sequence[RolloutRecord]
+    temperature: float = 1.0
+    """The run's sampling temperature (every lease of the run uses it)."""
+    tasks: Mapping[str, PooledTask] = field(default_factory=dict)
+    """The leased tasks of the batch, from the run's pool: the prompt token ids the
+    coordinator handed out (not the worker's copy) and the task itself."""
 
 
 @dataclass(frozen=True)
@@ -156,13 +172,20 @@ def _reward_problem(record: RolloutRecord, spec: RewardSpec) -> tuple[str | None
 class AuditLoop:
     """Claims audit jobs and runs an `Auditor` on them until stopped."""
 
-    def __init__(self, ctx: ServiceContext, auditor: Auditor, validator_id: str) -> None:
+    def __init__(
+        self, ctx: ServiceContext, auditor: Auditor, validator_id: str, *, claim_limit: int = 8
+    ) -> None:
         self._ctx = ctx
         self._auditor = auditor
         self._validator_id = validator_id
+        # Jobs claimed at once: a claim held while earlier jobs run is work other
+        # validators cannot take, so slow (model) auditors claim few.
+        self._claim_limit = claim_limit
 
-    async def run_once(self, limit: int = 8) -> int:
-        """Claim and finish up to ``limit`` jobs; returns how many were finished."""
+    async def run_once(self, limit: int | None = None) -> int:
+        """Claim and finish up to ``limit`` jobs (default: the loop's claim limit);
+        returns how many were finished."""
+        limit = self._claim_limit if limit is None else limit
         ctx = self._ctx
         config = ctx.config.audit
         jobs: list[AuditJob] = await ctx.call(
@@ -191,6 +214,9 @@ class AuditLoop:
             except JobNotClaimedError:
                 log.warning("audit %s: claim lost before the verdict; dropped", job.job_id)
                 continue
+            ctx.metrics.record_audit(job.kind.value, _VERDICT_STATE[result.verdict].value)
+            if outcome.batch_voided:
+                ctx.metrics.record_voided(_VOID_REASON[job.kind])
             if outcome.worker_banned:
                 log.warning("worker %s banned after failed audits", job.worker_id)
         return len(jobs)
@@ -215,6 +241,12 @@ class AuditLoop:
                 policy_version=batch.policy_version,
                 reward_spec=state.reward_spec,
                 records=records,
+                temperature=state.config.temperature,
+                tasks={
+                    r.task_id: pooled
+                    for r in records
+                    if (pooled := state.pool.get(r.task_id)) is not None
+                },
             )
             return await asyncio.to_thread(self._auditor, request)
         except ProtocolError as exc:

@@ -1,9 +1,12 @@
-"""`coderepair-coordinator serve` and `coderepair-coordinator admin ...`.
+"""`coderepair-coordinator serve`, `... validator` and `coderepair-coordinator admin ...`.
 
 `serve` loads the configuration (file < environment < flags, see `config`) and runs a
-`Coordinator` until SIGINT/SIGTERM. `admin` talks to a running coordinator's
-AdminService over gRPC, signing every call with an admin key file (0600) whose public
-key the operator listed in ``admin.public_keys``; `admin key` creates or shows it.
+`Coordinator` until SIGINT/SIGTERM. `validator` runs audits only (`ValidatorProcess`)
+against the database of the same configuration, for scale; set ``audit.in_process =
+false`` on the coordinators when validators do all the audits. `admin` talks to a
+running coordinator's AdminService over gRPC, signing every call with an admin key
+file (0600) whose public key the operator listed in ``admin.public_keys``; `admin key`
+creates or shows it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import typer
 
 # Everything else is imported inside the commands, so that `--help` stays fast.
 
-__all__ = ["admin_app", "serve_command"]
+__all__ = ["admin_app", "serve_command", "validator_command"]
 
 DEFAULT_ADMIN_KEY = Path("~/.config/coderepair/admin.pem")
 
@@ -61,6 +64,40 @@ def serve_command(
     with _clean_errors():
         settings = load_config(config, overrides)
         asyncio.run(Coordinator(settings).run())
+
+
+def validator_command(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="coordinator.toml (the coordinators' own)."),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="Database URL (database.url).")
+    ] = None,
+    validator_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Name recorded on the audits it claims; default host-pid."),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="Python log level.")] = "INFO",
+) -> None:
+    """Run audit jobs from the shared database until SIGTERM (finishes the jobs in hand)."""
+    import os  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from coderepair.coordinator.config import load_config  # noqa: PLC0415
+    from coderepair.coordinator.service.server import ValidatorProcess  # noqa: PLC0415
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    overrides: dict[str, Any] = {}
+    if database_url is not None:
+        overrides["database"] = {"url": database_url}
+    name = validator_id or f"validator-{socket.gethostname()}-{os.getpid()}"
+    if not 0 < len(name) <= 128:
+        typer.echo("error: --id must be 1..128 characters (it is stored with each claim)", err=True)
+        raise typer.Exit(2)
+    with _clean_errors():
+        settings = load_config(config, overrides)
+        asyncio.run(ValidatorProcess(settings, validator_id=name).run())
 
 
 admin_app = typer.Typer(

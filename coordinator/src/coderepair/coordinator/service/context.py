@@ -4,6 +4,10 @@ Storage calls are blocking (see `storage.db`): `ServiceContext.call` runs one in
 service's bounded thread pool, whose size equals the database pool's, so the event loop
 never waits on a disk or a socket and no thread waits for a connection.
 
+`ServiceContext.metrics` is the process's `CoordinatorMetrics` (on the registry the
+`Coordinator` owns and the dashboard's /metrics serves): servicers and loops record
+their events on it.
+
 `RunState` is the in-memory view of one configured run: its pool of tasks, its reward
 spec and sampling settings. The run's mutable facts (latest policy version, head
 cursor) live in the database and are read per request, so several replicas agree.
@@ -14,16 +18,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
+from prometheus_client import CollectorRegistry
+
 from coderepair.coordinator.config import CoordinatorConfig, RunConfig
+from coderepair.coordinator.dashboard.metrics import CoordinatorMetrics
 from coderepair.coordinator.service.scheduler import TaskPool
 from coderepair.coordinator.storage.db import Database
 from coderepair.coordinator.storage.objects import ObjectStore
 from coderepair.protocol.reward import RewardSpec
+from coderepair.protocol.rollout import RolloutRecord
+from coderepair.v1 import common_pb2, worker_pb2
 
 __all__ = ["RunState", "ServiceContext", "wall_clock_ms"]
 
@@ -68,6 +77,10 @@ class ServiceContext:
     runs: dict[str, RunState]
     executor: ThreadPoolExecutor
     clock_ms: Callable[[], int] = wall_clock_ms
+    # A private registry by default, so contexts built by tests never share counters.
+    metrics: CoordinatorMetrics = field(
+        default_factory=lambda: CoordinatorMetrics(CollectorRegistry())
+    )
     # Woken at every acceptance, so following trainer streams need not poll.
     accepted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,3 +96,30 @@ class ServiceContext:
         """Wake every stream waiting at the head; they re-arm the event themselves."""
         self.accepted.set()
         self.accepted = asyncio.Event()
+
+    def record_submit(
+        self,
+        response: worker_pb2.SubmitRolloutsResponse,
+        seconds: float,
+        records: Sequence[RolloutRecord] = (),
+    ) -> None:
+        """Count one answered SubmitRollouts on `metrics`.
+
+        ``records``: the batch's rollouts when it was accepted. A replayed answer (a
+        retry of a batch stored before) was counted the first time and is not counted
+        again; an answer without a reason counts as an error, never as a bad label.
+        """
+        if response.replayed_response:
+            return
+        if response.accepted:
+            self.metrics.record_accepted(
+                seconds=seconds,
+                rollouts=len(records),
+                tokens=sum(len(r.completion_ids) for r in records),
+            )
+            return
+        reason = common_pb2.RejectionReason.Name(response.rejection.reason)
+        if response.rejection.reason == common_pb2.REJECTION_REASON_UNSPECIFIED:
+            self.metrics.record_error(seconds=seconds)
+        else:
+            self.metrics.record_rejected(reason.removeprefix("REJECTION_REASON_"), seconds=seconds)

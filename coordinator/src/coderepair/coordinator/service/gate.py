@@ -10,11 +10,14 @@ leaves no half-written state.
 format, its purpose, clock skew and signature (`EnvelopeVerifier`, which also keeps an
 in-process nonce cache), then the nonce in the database's `seen_nonces` table, which
 coordinator replicas share and which survives a restart, and only then decodes the
-payload.
+payload. A gate made with `with_group_commit` records the nonce through a
+`storage.batches.GroupCommitter` instead, which commits the nonces of concurrent
+requests in one transaction (the request still waits for that commit).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 from google.protobuf import message as _message
 
-from coderepair.coordinator.storage import repo
+from coderepair.coordinator.storage import batches, repo
 from coderepair.coordinator.storage.errors import (
     ConflictError,
     CursorBeyondHeadError,
@@ -188,6 +191,26 @@ class EnvelopeGate:
         self._call = call
         self._now_ms = now_ms
         self._limit = max_message_bytes
+        self._committer: batches.GroupCommitter | None = None
+
+    def with_group_commit(self, committer: batches.GroupCommitter) -> EnvelopeGate:
+        """A gate like this one that records nonces through `committer`."""
+        gate = EnvelopeGate(self._verifier, self._call, self._now_ms, self._limit)
+        gate._committer = committer
+        return gate
+
+    async def _remember(self, signer: bytes, nonce: bytes, expires: int, now: int) -> bool:
+        if self._committer is None:
+            fresh: bool = await self._call(
+                repo.remember_nonce, signer, nonce, expires_ms=expires, now_ms=now
+            )
+            return fresh
+        future = self._committer.submit(
+            lambda session: batches.remember_nonce_in(
+                session, signer, nonce, expires_ms=expires, now_ms=now
+            )
+        )
+        return await asyncio.wrap_future(future)
 
     async def open(self, request: _message.Message, method: str) -> tuple[bytes, Any]:
         signed = rpc.SIGNED_RPCS[method]
@@ -207,13 +230,7 @@ class EnvelopeGate:
             raise refusal_from(exc) from exc
         now = self._now_ms()
         expires = now + int(2 * self._verifier.max_clock_skew_s * 1000)
-        fresh = await self._call(
-            repo.remember_nonce,
-            envelope.signer,
-            envelope.nonce,
-            expires_ms=expires,
-            now_ms=now,
-        )
+        fresh = await self._remember(envelope.signer, envelope.nonce, expires, now)
         if not fresh:
             raise Refusal(
                 R.REJECTION_REASON_REPLAY,

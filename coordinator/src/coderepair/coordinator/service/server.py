@@ -10,11 +10,18 @@ start the loops:
 - the sweep (every ``server.sweep_interval_s``): expired leases go back to the pool,
   audit windows close (credit granted, streaks grow), old nonces are forgotten, and
   the pools re-read which tasks open leases hold;
-- the in-process audit loop (``audit.in_process``), running the given `Auditor`.
+- the in-process audit loop (``audit.in_process``), running the given `Auditor` or
+  the one ``audit.auditor`` names (`service.auditor.build_auditor`);
+- the operators' dashboard (``dashboard.enabled``): page, /api/stats, /metrics, /healthz.
+
+Metrics: the coordinator owns one `CollectorRegistry` and one `CoordinatorMetrics` on it
+(`metrics`), shared through the `ServiceContext` with the servicers and the audit loop;
+the dashboard's /metrics serves that registry plus a `StatsCollector` of the database.
 
 `shutdown()` is idempotent: health turns NOT_SERVING first (load balancers drain), the
 server stops taking calls and lets running ones finish within the grace period, the
-loops stop, and the database pool is closed.
+loops and the dashboard stop (each within a bounded time), the auditor releases its
+sandbox, and the database pool is closed.
 """
 
 from __future__ import annotations
@@ -31,10 +38,14 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from coderepair.coordinator.config import CoordinatorConfig, ObjectStoreConfig, RunConfig
+from coderepair.coordinator.dashboard.http import DashboardServer, DashboardStateError
+from coderepair.coordinator.dashboard.metrics import CoordinatorMetrics
 from coderepair.coordinator.service.admin_service import AdminServicer
-from coderepair.coordinator.service.audit import AuditLoop, Auditor, ConsistencyAuditor
+from coderepair.coordinator.service.audit import AuditLoop, Auditor
+from coderepair.coordinator.service.auditor import build_auditor, close_auditor
 from coderepair.coordinator.service.context import RunState, ServiceContext, wall_clock_ms
 from coderepair.coordinator.service.gate import EnvelopeGate
 from coderepair.coordinator.service.scheduler import PromptEncoder, SchedulerError, load_pool
@@ -51,7 +62,14 @@ from coderepair.protocol.identity import EnvelopeVerifier
 from coderepair.protocol.reward import RewardInputError, RewardSpec
 from coderepair.v1 import admin_pb2_grpc, trainer_pb2_grpc, worker_pb2_grpc
 
-__all__ = ["Coordinator", "StartupError", "build_object_store", "load_run"]
+__all__ = [
+    "Coordinator",
+    "StartupError",
+    "ValidatorProcess",
+    "build_object_store",
+    "load_run",
+    "open_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +134,53 @@ def _ensure_run(db: Database, state: RunState, now_ms: int) -> None:
     )
 
 
+async def open_context(
+    config: CoordinatorConfig,
+    *,
+    object_store: ObjectStore | None = None,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+    metrics: CoordinatorMetrics | None = None,
+    setup_database: bool = True,
+) -> ServiceContext:
+    """Open the database, the object store and the configured runs' pools.
+
+    ``setup_database``: migrate the schema to head and create (or check) every run's
+    row, as a serving coordinator does; a validator process only reads what a
+    coordinator set up, so that several of them never race on a migration.
+    """
+    threads = config.server.db_threads
+    db = Database.open(
+        config.database.url,
+        pool_size=threads,
+        sqlite_synchronous=SqliteSync(config.database.sqlite_synchronous),
+    )
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="coordinator-db")
+    try:
+        if setup_database:
+            await asyncio.to_thread(upgrade_to_head, db.engine)
+        objects = object_store
+        if objects is None:
+            objects = await asyncio.to_thread(build_object_store, config.object_store)
+        states = await asyncio.gather(*(asyncio.to_thread(load_run, r) for r in config.runs))
+        runs = {s.run_id: s for s in states}
+        if setup_database:
+            for state in states:
+                await asyncio.to_thread(_ensure_run, db, state, clock_ms())
+    except BaseException:
+        executor.shutdown(wait=False)
+        db.close()
+        raise
+    return ServiceContext(
+        config=config,
+        db=db,
+        objects=objects,
+        runs=runs,
+        executor=executor,
+        clock_ms=clock_ms,
+        metrics=metrics if metrics is not None else CoordinatorMetrics(CollectorRegistry()),
+    )
+
+
 class Coordinator:
     """One coordinator process (see the module docstring)."""
 
@@ -130,7 +195,13 @@ class Coordinator:
         seed: int | None = None,
     ) -> None:
         self.config = config
-        self._auditor: Auditor = auditor if auditor is not None else ConsistencyAuditor()
+        self._auditor: Auditor | None = auditor
+        self._own_auditor = auditor is None
+        self.registry = CollectorRegistry()
+        """The process's Prometheus registry (served by the dashboard's /metrics)."""
+        self.metrics = CoordinatorMetrics(self.registry)
+        """The service's counters, recorded by the servicers and the audit loop."""
+        self.dashboard: DashboardServer | None = None
         self._object_store = object_store
         self._clock_ms = clock_ms
         self._validator_id = validator_id
@@ -163,34 +234,14 @@ class Coordinator:
         if self._server is not None:
             return
         config = self.config
-        threads = config.server.db_threads
-        db = Database.open(
-            config.database.url,
-            pool_size=threads,
-            sqlite_synchronous=SqliteSync(config.database.sqlite_synchronous),
-        )
-        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="coordinator-db")
-        try:
-            await asyncio.to_thread(upgrade_to_head, db.engine)
-            objects = self._object_store
-            if objects is None:
-                objects = await asyncio.to_thread(build_object_store, config.object_store)
-            states = await asyncio.gather(*(asyncio.to_thread(load_run, r) for r in config.runs))
-            runs = {s.run_id: s for s in states}
-            for state in states:
-                await asyncio.to_thread(_ensure_run, db, state, self._clock_ms())
-        except BaseException:
-            executor.shutdown(wait=False)
-            db.close()
-            raise
-        ctx = ServiceContext(
-            config=config,
-            db=db,
-            objects=objects,
-            runs=runs,
-            executor=executor,
+        ctx = await open_context(
+            config,
+            object_store=self._object_store,
             clock_ms=self._clock_ms,
+            metrics=self.metrics,
+            setup_database=True,
         )
+        db = ctx.db
         self._ctx = ctx
         await self._resync_pools()
         gate = EnvelopeGate(
@@ -220,11 +271,23 @@ class Coordinator:
         self._server = server
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="coordinator-sweep"))
         if config.audit.in_process:
+            if self._auditor is None:
+                self._auditor = build_auditor(config, db)
             loop = AuditLoop(ctx, self._auditor, self._validator_id)
             self._tasks.append(
                 asyncio.create_task(loop.run_forever(self._stop), name="coordinator-audits")
             )
-        log.info("coordinator listening on %s (%d runs)", self.address, len(runs))
+        if config.dashboard.enabled:
+            dashboard = DashboardServer(
+                config.dashboard, db, registry=self.registry, clock=self._clock_ms
+            )
+            try:
+                await dashboard.start()
+            except DashboardStateError as exc:
+                await self.shutdown()
+                raise StartupError(str(exc)) from exc
+            self.dashboard = dashboard
+        log.info("coordinator listening on %s (%d runs)", self.address, len(ctx.runs))
 
     # ---------------------------------------------------------------- background
 
@@ -276,11 +339,23 @@ class Coordinator:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
+        if self.dashboard is not None:
+            try:
+                await asyncio.wait_for(self.dashboard.shutdown(), timeout=grace_s)
+            except TimeoutError:
+                log.warning("the dashboard did not stop within %.1f s; abandoned", grace_s)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # An audit running in a thread cannot be interrupted: wait for it a bounded time.
+        if self._tasks:
+            done, stuck = await asyncio.wait(self._tasks, timeout=grace_s)
+            for task in stuck:
+                log.warning("%s did not stop within %.1f s; abandoned", task.get_name(), grace_s)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s had failed: %r", task.get_name(), task.exception())
+        if self._own_auditor and self._auditor is not None:
+            await asyncio.to_thread(close_auditor, self._auditor)
         await self._close_storage()
 
     async def _close_storage(self) -> None:
@@ -312,6 +387,68 @@ class Coordinator:
         tb: TracebackType | None,
     ) -> None:
         await self.shutdown()
+
+
+class ValidatorProcess:
+    """`coderepair-coordinator validator`: the audit loop alone, against the shared database.
+
+    No gRPC server and no sweep: it claims audit jobs the serving coordinators queued
+    (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so any number of validator processes and
+    coordinators share the queue without doing a job twice; SQLite serialises writers,
+    so run one there), audits them with the configured auditor and records verdicts.
+    The database must have been set up by ``serve`` (it is not migrated here).
+
+    SIGTERM/SIGINT stop it gracefully: the jobs already claimed are finished and
+    recorded, nothing new is claimed, then storage and the sandbox are released.
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        validator_id: str,
+        auditor: Auditor | None = None,
+        object_store: ObjectStore | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        claim_limit: int = 2,
+    ) -> None:
+        self.config = config
+        self.validator_id = validator_id
+        self._auditor = auditor
+        self._own_auditor = auditor is None
+        self._object_store = object_store
+        self._clock_ms = clock_ms
+        self._claim_limit = claim_limit
+        self.registry = CollectorRegistry()
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.stop = asyncio.Event()
+        """Set it (or send SIGTERM to `run`) to stop after the jobs in hand."""
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Audit until `stop` is set (or SIGTERM/SIGINT arrives), then release everything."""
+        ctx = await open_context(
+            self.config,
+            object_store=self._object_store,
+            clock_ms=self._clock_ms,
+            metrics=self.metrics,
+            setup_database=False,
+        )
+        auditor = self._auditor if self._auditor is not None else build_auditor(self.config, ctx.db)
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, self.stop.set)
+        log.info("validator %s auditing (%d runs)", self.validator_id, len(ctx.runs))
+        try:
+            audit_loop = AuditLoop(ctx, auditor, self.validator_id, claim_limit=self._claim_limit)
+            await audit_loop.run_forever(self.stop)
+        finally:
+            if self._own_auditor:
+                await asyncio.to_thread(close_auditor, auditor)
+            ctx.executor.shutdown(wait=True)
+            ctx.db.close()
+            log.info("validator %s stopped", self.validator_id)
 
 
 def default_config_path() -> Path:

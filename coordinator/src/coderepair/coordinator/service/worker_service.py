@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from typing import Any
 
 from coderepair.coordinator.service import convert
@@ -85,8 +86,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, ctx: ServiceContext, gate: EnvelopeGate, rng: random.Random) -> None:
         self._ctx = ctx
-        self._gate = gate
+        # Submissions and the nonces of worker calls are written by group commit
+        # (`storage.batches.GroupCommitter`): one transaction, one fsync, for all the
+        # requests that arrive while the previous commit runs.
+        self._committer = batches.GroupCommitter(ctx.db)
+        self._gate = gate.with_group_commit(self._committer)
         self._rng = rng
+
+    async def _record(self, draft: batches.BatchDraft) -> batches.RecordedBatch:
+        """`record_batch` through the group committer: returns after the commit."""
+        now = self._ctx.now_ms()
+        future = self._committer.submit(lambda session: batches.record_in(session, draft, now))
+        return await asyncio.wrap_future(future)
 
     # ---------------------------------------------------------------- helpers
 
@@ -266,6 +277,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             state.pool.cancel(reservation)
             raise
         state.pool.bind(reservation, lease.lease_id)
+        ctx.metrics.record_leases()
         message = common_pb2.Lease(
             lease_id=lease.lease_id,
             run_id=run.run_id,
@@ -302,16 +314,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def SubmitRollouts(
         self, request: worker_pb2.SubmitRolloutsRequest, context: Any
     ) -> worker_pb2.SubmitRolloutsResponse:
+        started = time.perf_counter()
         signer, payload = await self._gate.open(request, _M + "SubmitRollouts")
-        worker = await self._worker(signer)
+        ctx = self._ctx
+        worker_id = fingerprint(signer)
+        lease_id = payload.lease_id if 0 < len(payload.lease_id) <= 64 else None
+        view = await ctx.call(batches.submission_view, ctx.db, worker_id, lease_id)
+        if view.worker is None:
+            raise not_registered(worker_id)
+        worker = require_active(view.worker)
         try:
             check_envelope_fields(payload)
         except Refusal as refusal:
             # Without a usable idempotency key nothing can be stored for a retry.
-            return convert.refused_response(refusal)
-        ctx = self._ctx
+            refused = convert.refused_response(refusal)
+            ctx.record_submit(refused, time.perf_counter() - started)
+            return refused
         digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
-        lease = await ctx.call(repo.get_lease, ctx.db, payload.lease_id)
+        lease = view.lease
         draft = batches.BatchDraft(
             worker_id=worker.worker_id,
             idempotency_key=payload.idempotency_key,
@@ -321,15 +341,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             policy_version=int(payload.policy_version),
         )
         try:
-            records, state = await self._validate(payload, lease, worker, signer)
+            records, state = self._validate(payload, lease, view.run, worker, signer)
         except Refusal as refusal:
-            return await self._store_refusal(draft, refusal)
-        return await self._accept(draft, records, state, worker)
+            response = await self._store_refusal(draft, refusal)
+            ctx.record_submit(response, time.perf_counter() - started)
+            return response
+        response = await self._accept(draft, records, state, worker)
+        ctx.record_submit(response, time.perf_counter() - started, records)
+        return response
 
-    async def _validate(
+    def _validate(
         self,
         payload: worker_pb2.SubmitPayload,
         lease: Any,
+        run: Run | None,
         worker: Worker,
         signer: bytes,
     ) -> tuple[list[RolloutRecord], RunState]:
@@ -360,7 +385,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         view = LeaseView(lease=lease, tasks=tasks, prompts=prompts)
         now = ctx.now_ms()
         check_lease_open(view, worker.worker_id, now)
-        run = await ctx.call(repo.get_run, ctx.db, lease.run_id)
         assert run is not None  # a lease's run row is never deleted
         check_policy_window(
             int(payload.policy_version), run.latest_policy_version, run.max_policy_lag
@@ -381,7 +405,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _store_refusal(
         self, draft: batches.BatchDraft, refusal: Refusal
     ) -> worker_pb2.SubmitRolloutsResponse:
-        ctx = self._ctx
         rejected = batches.BatchDraft(
             worker_id=draft.worker_id,
             idempotency_key=draft.idempotency_key,
@@ -392,7 +415,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             rejection=batches.Rejection(refusal.reason_name, refusal.message[:1024]),
         )
         try:
-            recorded = await ctx.call(batches.record_batch, ctx.db, rejected, ctx.now_ms())
+            recorded = await self._record(rejected)
         except IdempotencyConflictError as exc:
             return convert.refused_response(Refusal(R.REJECTION_REASON_CONFLICT, str(exc)))
         if not recorded.created:
@@ -413,7 +436,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         ctx = self._ctx
         key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
         data = await asyncio.to_thread(to_parquet_bytes, records)
-        await ctx.call(ctx.objects.put, key, data)
+        # Not on the database threads: the object's fsyncs would hold them.
+        await asyncio.to_thread(ctx.objects.put, key, data)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
         accepted = batches.BatchDraft(
             worker_id=draft.worker_id,
@@ -437,7 +461,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             audit_kinds=[AuditKind(k) for k in ctx.config.audit.kinds] if audit else (),
         )
         try:
-            recorded = await ctx.call(batches.record_batch, ctx.db, accepted, ctx.now_ms())
+            recorded = await self._record(accepted)
         except DuplicateCompletionError as exc:
             return await self._store_refusal(draft, Refusal(R.REJECTION_REASON_DUPLICATE, str(exc)))
         except LeaseNotOpenError as exc:

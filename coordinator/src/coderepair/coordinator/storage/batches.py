@@ -24,15 +24,28 @@ SQLite has one writer at a time (BEGIN IMMEDIATE), which gives the same guarante
 
 Duplicate completions are checked inside the same transaction after the run lock, so
 two workers submitting the same completion to one run at once cannot both pass.
+
+Group commit. A commit costs an fsync (milliseconds), and SQLite has a single writer:
+one transaction per submission caps ingest at a few hundred batches/s and makes
+concurrent submitters queue on the write lock. `GroupCommitter` runs the write
+operations of concurrent requests (`record_in`, `remember_nonce_in`) in one shared
+transaction, each inside its own SAVEPOINT: an operation that fails rolls back to its
+savepoint and gets its exception, the others go on; the group commits once, and only
+then does each caller get its result. So an acknowledgement still means "committed",
+and every operation keeps its own all-or-nothing behaviour.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import queue
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -60,6 +73,7 @@ from coderepair.coordinator.storage.models import (
     LeaseState,
     Rollout,
     Run,
+    SeenNonce,
     TrainerAck,
     Worker,
     WorkerState,
@@ -69,10 +83,12 @@ from coderepair.coordinator.storage.repo import insert_ignoring_conflicts, new_i
 __all__ = [
     "AckResult",
     "BatchDraft",
+    "GroupCommitter",
     "RecordedBatch",
     "Rejection",
     "SampleIndex",
     "StreamRow",
+    "SubmissionView",
     "ack_cursor",
     "completion_digest",
     "find_duplicate_completions",
@@ -80,7 +96,13 @@ __all__ = [
     "head_cursor",
     "read_stream",
     "record_batch",
+    "record_in",
+    "remember_nonce_in",
+    "submission_view",
 ]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _DIGEST_PREFIX = b"coderepair/completion/v1\x00"
 
@@ -243,24 +265,29 @@ def record_batch(db: Database, draft: BatchDraft, now_ms: int) -> RecordedBatch:
     index rows and audit jobs; add the tokens to the worker's pending credit. Any error
     leaves nothing written. The returned batch is a detached copy of the stored row.
     """
+    with db.write() as session:
+        return record_in(session, draft, now_ms)
+
+
+def record_in(session: Session, draft: BatchDraft, now_ms: int) -> RecordedBatch:
+    """`record_batch` inside the caller's transaction (a `GroupCommitter` operation)."""
     if draft.rejection is None:
         _check_accepted(draft)
-    with db.write() as session:
-        connection = session.connection()
-        worker = connection.execute(_LOCK_WORKER, {"worker_id": draft.worker_id}).first()
-        if worker is None:
-            raise NotFoundError(f"worker {draft.worker_id} is not registered: call Register")
-        existing = _existing(connection, draft)
-        if existing is not None:
-            return RecordedBatch(existing, created=False)
-        if draft.rejection is not None:
-            return RecordedBatch(_insert_rejected(connection, draft, now_ms), created=True)
-        if worker.state == WorkerState.BANNED:
-            raise WorkerBannedError(f"worker {draft.worker_id} is banned: {worker.ban_reason}")
-        batch = _accept(connection, draft, now_ms)
-        if batch is None:
-            raise _diagnose_lease(session, draft, now_ms)
-        return RecordedBatch(batch, created=True)
+    connection = session.connection()
+    worker = connection.execute(_LOCK_WORKER, {"worker_id": draft.worker_id}).first()
+    if worker is None:
+        raise NotFoundError(f"worker {draft.worker_id} is not registered: call Register")
+    existing = _existing(connection, draft)
+    if existing is not None:
+        return RecordedBatch(existing, created=False)
+    if draft.rejection is not None:
+        return RecordedBatch(_insert_rejected(connection, draft, now_ms), created=True)
+    if worker.state == WorkerState.BANNED:
+        raise WorkerBannedError(f"worker {draft.worker_id} is banned: {worker.ban_reason}")
+    batch = _accept(connection, draft, now_ms)
+    if batch is None:
+        raise _diagnose_lease(session, draft, now_ms)
+    return RecordedBatch(batch, created=True)
 
 
 def _check_accepted(draft: BatchDraft) -> None:
@@ -444,6 +471,111 @@ def _diagnose_lease(session: Session, draft: BatchDraft, now_ms: int) -> LeaseNo
     return LeaseNotOpenError("CONFLICT", f"lease {lease.lease_id} changed concurrently; retry")
 
 
+def remember_nonce_in(
+    session: Session, signer: bytes, nonce: bytes, *, expires_ms: int, now_ms: int
+) -> bool:
+    """`repo.remember_nonce` inside the caller's transaction: False for a replay."""
+    if insert_ignoring_conflicts(
+        session,
+        SeenNonce.__table__,  # type: ignore[arg-type]
+        {"signer": signer, "nonce": nonce, "expires_unix_ms": expires_ms},
+    ):
+        return True
+    # An expired entry is reusable (its envelope fails the clock check by then anyway).
+    refreshed = session.execute(
+        update(SeenNonce)
+        .where(
+            SeenNonce.signer == signer,
+            SeenNonce.nonce == nonce,
+            SeenNonce.expires_unix_ms < now_ms,
+        )
+        .values(expires_unix_ms=expires_ms)
+    )
+    return bool(refreshed.rowcount == 1)  # type: ignore[attr-defined]
+
+
+@dataclass
+class _Op(Generic[_T]):
+    run: Callable[[Session], _T]
+    future: Future[_T]
+
+
+class GroupCommitter:
+    """One writer thread that commits the operations of concurrent callers together
+    (module docstring, "Group commit").
+
+    `submit(op)` queues ``op(session)`` and returns a future that resolves after the
+    commit of the group it ran in. The thread takes whatever is queued when it becomes
+    free (up to `max_group` operations): under load, groups grow by themselves while
+    the previous commit's fsync runs; alone, an operation commits at once. The thread
+    exits after `idle_exit_s` without work and restarts on the next `submit`, so an
+    owner needs no shutdown step.
+    """
+
+    def __init__(self, db: Database, *, max_group: int = 128, idle_exit_s: float = 2.0) -> None:
+        if max_group < 1:
+            raise ValueError(f"max_group must be >= 1, got {max_group}")
+        self._db = db
+        self._max_group = max_group
+        self._idle_exit_s = idle_exit_s
+        self._queue: queue.SimpleQueue[_Op[Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, run: Callable[[Session], _T]) -> Future[_T]:
+        """Queue ``run(session)``; its future holds the result or exception after commit."""
+        op: _Op[_T] = _Op(run, Future())
+        self._queue.put(op)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="coordinator-group-commit", daemon=True
+                )
+                self._thread.start()
+        return op.future
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=self._idle_exit_s)
+            except queue.Empty:
+                with self._lock:
+                    # Re-check under the lock: a submit may have queued meanwhile.
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            group = [first]
+            while len(group) < self._max_group:
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(group)
+
+    def _commit(self, group: list[_Op[Any]]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self._db.write() as session:
+                for op in group:
+                    try:
+                        with session.begin_nested():
+                            outcomes.append((True, op.run(session)))
+                    except Exception as exc:  # rolled back to its savepoint only
+                        outcomes.append((False, exc))
+        except Exception as exc:
+            # The commit itself failed: nothing of the group was written.
+            log.warning("group commit of %d operations failed: %s", len(group), exc)
+            for op in group:
+                op.future.set_exception(exc)
+            return
+        for op, (ok, value) in zip(group, outcomes, strict=True):
+            if ok:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(value)
+
+
 def _duplicates(
     connection: Connection, digests: Sequence[str], worker_id: str | None
 ) -> list[DuplicateMatch]:
@@ -461,6 +593,27 @@ def find_duplicate_completions(
         return []
     with db.read() as session:
         return _duplicates(session.connection(), digests, exclude_worker_id)
+
+
+@dataclass(frozen=True)
+class SubmissionView:
+    """What a submission is checked against, read in one transaction: the signer's
+    worker row, the lease it names and that lease's run (None where there is none)."""
+
+    worker: Worker | None
+    lease: Lease | None
+    run: Run | None
+
+
+def submission_view(db: Database, worker_id: str, lease_id: str | None) -> SubmissionView:
+    """One read for the three rows a submission needs (three reads cost three
+    transactions and thread hops per batch). `record_batch` re-checks what matters
+    under its locks."""
+    with db.read() as session:
+        worker = session.get(Worker, worker_id)
+        lease = session.get(Lease, lease_id) if lease_id else None
+        run = session.get(Run, lease.run_id) if lease is not None else None
+        return SubmissionView(worker, lease, run)
 
 
 def get_batch(db: Database, batch_id: str) -> Batch | None:
