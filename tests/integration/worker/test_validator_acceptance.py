@@ -52,7 +52,13 @@ def _check(report: dict[str, Any], min_cheat_completions: int) -> None:
         # A "cheat" that ends with exactly the leased sample's honest tokens (a hint or a
         # colder temperature that changed nothing in a near-certain completion) is
         # honest work that no validator can or should reject; every other must fail.
-        assert case["identical_to_honest"] <= case["completions"] // 10, name
+        # Perturbed weights often sample the same tokens and are still caught by the
+        # proof, so what is bounded is the share that passes by being identical: past
+        # a tenth the cheat would be too weak to measure anything.
+        assert case["passed_identical_to_honest"] <= case["completions"] // 10, name
+        assert case["rejected"] >= case["completions"] - case["passed_identical_to_honest"] - (
+            case["completions"] // 100
+        ), (name, case["failed_checks"])
         assert case["rejection_rate_of_changed"] >= 0.99, (name, case["failed_checks"])
 
 
