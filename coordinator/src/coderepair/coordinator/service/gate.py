@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -46,7 +47,14 @@ from coderepair.protocol.identity import (
 )
 from coderepair.v1 import common_pb2
 
-__all__ = ["EnvelopeGate", "Refusal", "guarded", "reason_name", "refusal_from"]
+__all__ = [
+    "EnvelopeGate",
+    "Refusal",
+    "UndecodableRequestGuard",
+    "guarded",
+    "reason_name",
+    "refusal_from",
+]
 
 log = logging.getLogger(__name__)
 R = common_pb2.RejectionReason
@@ -264,6 +272,76 @@ def not_registered(worker_id: str) -> Refusal:
         R.REJECTION_REASON_NOT_REGISTERED,
         f"key {worker_id} is not registered at this coordinator: call Register first",
     )
+
+
+class _Undecodable:
+    """Marks a request whose bytes did not decode (see `UndecodableRequestGuard`)."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+class UndecodableRequestGuard(grpc.aio.ServerInterceptor):
+    """Request bytes that are no protobuf of the method's type are refused with
+    INVALID_ARGUMENT and a STRUCTURAL `Rejection`, like every other malformed request.
+
+    Without it, gRPC answers UNKNOWN and logs an ERROR traceback per request, so any
+    client could fill the coordinator's log with garbage at line rate.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        method = str(handler_call_details.method)[:128]
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:  # protobuf's DecodeError, and whatever a parser raises
+                return _UNDECODABLE
+
+        async def refuse(context: Any) -> None:
+            refusal = Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"the request bytes are not a {method} request message: send the "
+                "serialized request of the contract",
+            )
+            await rpc.abort_with_rejection(context, refusal.to_proto())
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def guarded_unary(request: Any, context: Any) -> Any:
+                if request is _UNDECODABLE:
+                    await refuse(context)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded_unary,
+                request_deserializer=tolerant,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            stream = handler.unary_stream
+
+            async def guarded_stream(request: Any, context: Any) -> Any:
+                if request is _UNDECODABLE:
+                    await refuse(context)
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                guarded_stream,
+                request_deserializer=tolerant,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 async def abort_unimplemented(context: grpc.aio.ServicerContext, what: str) -> None:

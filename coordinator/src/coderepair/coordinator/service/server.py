@@ -47,7 +47,7 @@ from coderepair.coordinator.service.admin_service import AdminServicer
 from coderepair.coordinator.service.audit import AuditLoop, Auditor
 from coderepair.coordinator.service.auditor import build_auditor, close_auditor
 from coderepair.coordinator.service.context import RunState, ServiceContext, wall_clock_ms
-from coderepair.coordinator.service.gate import EnvelopeGate
+from coderepair.coordinator.service.gate import EnvelopeGate, UndecodableRequestGuard
 from coderepair.coordinator.service.scheduler import PromptEncoder, SchedulerError, load_pool
 from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.service.trainer_service import TrainerServicer
@@ -252,7 +252,10 @@ class Coordinator:
         )
         # gRPC's own limit is twice the configured one, so every request up to it gets
         # a typed TOO_LARGE refusal from the handler (with the Rejection trailer).
-        server = grpc.aio.server(options=rpc.server_options(2 * config.server.max_message_bytes))
+        server = grpc.aio.server(
+            options=rpc.server_options(2 * config.server.max_message_bytes),
+            interceptors=[UndecodableRequestGuard()],
+        )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(ctx, gate, self._rng), server
         )
