@@ -200,13 +200,16 @@ class Agent:
 
     async def _lease_task(self, wanted: set[str], tries: int = 30) -> common_pb2.Lease | None:
         """Lease, and release until a lease holds one of the ``wanted`` tasks."""
+        got = []
         for _ in range(tries):
             lease = await self.lease()
             if lease is None:
                 return None
             if any(t.task_id in wanted for t in lease.tasks):
                 return lease
+            got += [t.task_id[-6:] for t in lease.tasks]
             await self.client.release(lease.lease_id, "not the task I wanted")
+        self.note("gave_up", message=f"wanted {sorted(t[-6:] for t in wanted)}, got {got}")
         return None
 
     async def _run_copied(self) -> None:

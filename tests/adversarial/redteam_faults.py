@@ -219,7 +219,7 @@ async def proxy(
 ) -> dict[str, Any]:
     coordinator = CoordinatorProcess(world, "fault-proxy", model_audits=False)
     await coordinator.start()
-    chaos = ChaosProxy(coordinator.address, delay_s=0.4, drop_after_s=1.5, seed=seed)
+    chaos = ChaosProxy(coordinator.address, delay_s=0.25, drop_after_s=4.0, seed=seed)
     try:
         await coordinator.publish()
         address = await chaos.start()

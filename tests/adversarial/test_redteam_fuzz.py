@@ -84,7 +84,7 @@ def messages(draw: st.DrawFn, cls: type[_message.Message], depth: int = 0) -> _m
     for field in cls.DESCRIPTOR.fields:
         if not draw(st.booleans()):
             continue
-        repeated = field.label == _F.LABEL_REPEATED
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == 3
         if field.type == _F.TYPE_MESSAGE:
             if depth >= 2 or field.message_type.GetOptions().map_entry:
                 continue
@@ -227,3 +227,18 @@ def test_malformed_messages_get_deliberate_answers(
                 timeout=10,
             )
     assert sum(seen.values()) >= 10, seen
+
+
+def test_get_stats_window_past_the_database_integers_is_refused(
+    served: tuple[World, str, Identity],
+) -> None:
+    """Found by the fuzzer: a window of 2**64 - 1 ms made GetStats fail with INTERNAL
+    (SQLite overflow); it is now a STRUCTURAL refusal, and a sane window still works."""
+    world, address, _ = served
+    path = f"/{rpc.ADMIN_SERVICE}/GetStats"
+    with grpc.insecure_channel(address) as channel:
+        for window, code in ((2**64 - 1, grpc.StatusCode.INVALID_ARGUMENT),
+                             (60_000, grpc.StatusCode.OK)):  # fmt: skip
+            payload = admin_pb2.GetStatsPayload(window_ms=window)
+            request = admin_pb2.GetStatsRequest(envelope=_sign(world.keys.admin, path, payload))
+            assert _call(channel, path, False, request.SerializeToString()) == code

@@ -27,6 +27,7 @@ from coderepair.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 __all__ = ["AdminServicer"]
 
 R = common_pb2.RejectionReason
+_MAX_STATS_WINDOW_MS = 365 * 24 * 3600 * 1000
 _M = f"/{rpc.ADMIN_SERVICE}/"
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
@@ -190,6 +191,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetStatsRequest, context: Any
     ) -> admin_pb2.GetStatsResponse:
         payload = await self._open(request, "GetStats")
+        if payload.window_ms > _MAX_STATS_WINDOW_MS:
+            # A uint64 past the database's integers: refused, not an INTERNAL error.
+            raise Refusal(
+                R.REJECTION_REASON_STRUCTURAL,
+                f"window_ms is at most {_MAX_STATS_WINDOW_MS} (365 days); 0 = the default",
+            )
         ctx = self._ctx
         stats = await ctx.call(
             collect_stats,
