@@ -149,6 +149,10 @@ class Agent:
             from service_support import make_samples
 
             return make_samples(lease, salt=uuid.uuid4().hex, n_tokens=8)
+        return self.load().samples(strategy or self.strategy, lease)  # type: ignore[no-any-return]
+
+    def load(self) -> Any:
+        """The model(s) of this worker; loaded before the first lease, as a worker does."""
         if self.maker is None:
             from redteam_cheats import Maker
 
@@ -159,12 +163,14 @@ class Agent:
                 Path(self.spec["workdir"]),
                 self.spec.get("seed", 0),
             )
-        return self.maker.samples(strategy or self.strategy, lease)  # type: ignore[no-any-return]
+        return self.maker
 
     # ------------------------------------------------------------ strategies
 
     async def run(self) -> None:
         await self.register()
+        if self.strategy != "synthetic":
+            await asyncio.to_thread(self.load)
         runner = getattr(self, f"_run_{self.strategy}", self._run_plain)
         await runner()
 
@@ -334,6 +340,7 @@ async def run_sybil(spec: dict[str, Any], journal: Journal) -> None:
     for agent in agents:
         agent.label = "sybil"
         await agent.register()
+        await asyncio.to_thread(agent.load)
     held: dict[str, str] = {}  # task id -> key holding it
     first, rest = agents[0], agents[1:]
     for _round in range(spec.get("replica_rounds", 3)):
