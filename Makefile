@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 .PHONY: setup test lint format proto proto-check bench demo sandbox-image clean help
 
 help:
-	@echo "make demo    the whole network on one machine (not yet: see the issue tracker)"
+	@echo "make demo    the whole network on one machine, learning (SmolLM2-135M, <= 45 min)"
 	@echo "make test    set up and run the whole test suite"
 	@echo "make lint    ruff (lint + format check) and mypy"
 	@echo "make bench   run every benchmark under bench/"
@@ -82,9 +82,12 @@ proto: setup
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# DEMO_ARGS: e.g. --tiny (a few minutes), --budget-minutes 20, --plain.
+DEMO_ARGS ?=
 demo:
-	@echo "make demo: not yet — the one-machine network lands with its issue (see README)."
-	@exit 1
+	deploy/local/system-packages
+	$(MAKE) setup
+	$(VENV)/bin/coderepair demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

