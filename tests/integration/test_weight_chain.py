@@ -59,6 +59,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
         "base_model": "coderepair/tiny",
         "tokenizer_sha256": tokenizer_sha256(model_dir),
         "shard_size_bytes": 256 * 1024,  # several shards per full checkpoint
+        # As trained (fp32): the chain is then checked against the trainer's own tensors.
+        "publish_dtype": "keep",
     }
     chain_pub = Publisher(
         PublisherConfig.model_validate({**common, "full_every": 10}),
@@ -284,6 +286,7 @@ def test_publish_to_s3_and_fetch_through_presigned_urls(
         tokenizer_sha256="0" * 64,
         shard_size_bytes=256 * 1024,
         full_every=10,
+        publish_dtype="keep",
     )
     publisher = Publisher(config, run.trainer, store)  # the coordinator's store is a sink
     follower = weights_for(run, tmp_path)

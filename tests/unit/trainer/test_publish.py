@@ -34,6 +34,8 @@ def make_config(**overrides: object) -> PublisherConfig:
         "tokenizer_sha256": "ab" * 32,
         "full_every": 3,
         "shard_size_bytes": 4096,
+        # Bit-for-bit checks against the fp32 state; bf16 publishing has its own test.
+        "publish_dtype": "keep",
     }
     fields.update(overrides)
     return PublisherConfig.model_validate(fields)
