@@ -299,7 +299,11 @@ class Chain:
     def __init__(self, root: Path, identity: Identity) -> None:
         self.root = root
         config = PublisherConfig(
-            run_id="r", base_model="m", tokenizer_sha256="0" * 64, full_every=3
+            run_id="r",
+            base_model="m",
+            tokenizer_sha256="0" * 64,
+            full_every=3,
+            publish_dtype="keep",  # the held weights are compared with these fp32 states
         )
         publisher = Publisher(config, identity, LocalDirectorySink(root))
         self.states: list[dict[str, torch.Tensor]] = []
