@@ -232,8 +232,11 @@ class Agent:
                 await asyncio.sleep(0.5)
                 continue
             lease = await self._lease_task(full)
-            if lease is None or self.banned:
+            if self.banned or time.monotonic() > self.deadline:
                 return
+            if lease is None:  # the leaked tasks were all held by others: look again
+                await asyncio.sleep(0.2)
+                continue
             from redteam_cheats import copied
 
             samples = []
