@@ -43,8 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "adversarial"))
 
-import redteam_faults as faults  # noqa: E402
-import redteam_support as rs  # noqa: E402
+import redteam_faults as faults
+import redteam_support as rs
 
 FULL = {"cheat_batches": 12, "honest_keys": 4, "honest_batches": 60, "load_workers": 200,
         "load_seconds": 600.0, "fault_seconds": 20.0}  # fmt: skip
@@ -52,12 +52,28 @@ QUICK = {"cheat_batches": 4, "honest_keys": 2, "honest_batches": 8, "load_worker
          "load_seconds": 20.0, "fault_seconds": 10.0}  # fmt: skip
 # --quick: simulated workers grouped into three processes (each key still its own).
 QUICK_GROUPS = (
-    ("a", (("honest", 2), ("wrong_model", 1), ("perturbed_weights", 1), ("hinted_prompt", 1),
-           ("edited_tokens", 1))),
-    ("b", (("injected_text", 1), ("best_of_n", 1), ("inflated_reward", 1),
-           ("tampered_sandbox", 1), ("stale_policy", 1))),
+    (
+        "a",
+        (
+            ("honest", 2),
+            ("wrong_model", 1),
+            ("perturbed_weights", 1),
+            ("hinted_prompt", 1),
+            ("edited_tokens", 1),
+        ),
+    ),
+    (
+        "b",
+        (
+            ("injected_text", 1),
+            ("best_of_n", 1),
+            ("inflated_reward", 1),
+            ("tampered_sandbox", 1),
+            ("stale_policy", 1),
+        ),
+    ),
     ("c", (("replayed_batch", 1), ("copied", 1), ("sybil", 3), ("garbage", 1))),
-)  # fmt: skip
+)
 
 
 async def detection(root: Path, settings: dict[str, Any], quick: bool) -> dict[str, Any]:
@@ -85,9 +101,7 @@ def run_population(
     common = {"seconds": 3000.0, "replica_tries": 30}
     if quick:
         return [
-            rs.spawn(
-                world, address, f"group-{name}", "group", group=group, batches=cheat, **common
-            )  # fmt: skip
+            rs.spawn(world, address, f"group-{name}", "group", group=group, batches=cheat, **common)
             for name, group in QUICK_GROUPS
         ]
     agents = [
@@ -104,7 +118,7 @@ def run_population(
                 batches=cheat,
                 n_keys=3 if strategy == "sybil" else 1,
                 **common,
-            )  # fmt: skip
+            )
         )
     return agents
 

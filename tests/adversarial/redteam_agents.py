@@ -426,6 +426,10 @@ def main() -> None:
     parser.add_argument("role", choices=["worker", "trainer"])
     parser.add_argument("--spec", type=Path, required=True)
     args = parser.parse_args()
+    if os.environ.get("REDTEAM_LOG"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(name)s %(message)s")
     spec = json.loads(args.spec.read_text())
     if args.role == "trainer":
         run_trainer(spec)
