@@ -253,7 +253,7 @@ async def full_disk(
         agents = _synthetic(world, coordinator.address, "fd", workers, seconds, retry_s=20.0)
         started = time.monotonic()
         full_seen = False
-        while time.monotonic() - started < seconds * 0.6:
+        while time.monotonic() - started < seconds * 0.8:
             await asyncio.sleep(0.5)
             full_seen = any(e["event"] != "ack" for e in events(agents))
             if full_seen:

@@ -53,7 +53,7 @@ async def test_a_proxy_that_drops_and_delays_loses_nothing(world: World) -> None
 
 
 async def test_a_full_object_store_refuses_but_loses_nothing(world: World) -> None:
-    figures = await faults.full_disk(world, workers=2, seconds=6.0)
+    figures = await faults.full_disk(world, workers=2, seconds=8.0, size_kib=128)
     if "skipped" in figures:
         pytest.skip(figures["skipped"])
     _nothing_lost(figures)
