@@ -130,8 +130,8 @@ async def coordinator_kill(
             coordinator.kill9()
             await asyncio.sleep(rng.uniform(0.2, 1.5))
             await coordinator.start()
-        await wait_agents(agents, seconds + 150)
-        return _figures(agents, coordinator, kills=kills)
+        stragglers = await wait_agents(agents, seconds + 150, strict=False)
+        return _figures(agents, coordinator, kills=kills, stragglers=stragglers)
     finally:
         coordinator.stop()
 
@@ -148,8 +148,8 @@ async def worker_kill(
         await asyncio.sleep(rng.uniform(2.0, seconds * 0.6))
         victim = agents[0]
         victim.kill9()
-        await wait_agents(agents[1:], seconds + 60)
-        return _figures(agents, coordinator, killed=victim.name)
+        stragglers = await wait_agents(agents[1:], seconds + 60, strict=False)
+        return _figures(agents, coordinator, killed=victim.name, stragglers=stragglers)
     finally:
         coordinator.stop()
 

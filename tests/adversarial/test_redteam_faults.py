@@ -27,6 +27,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 def _nothing_lost(figures: dict[str, Any], *, at_least: int = 10) -> None:
     assert figures["acknowledged_batches"] >= at_least, figures
     assert figures["lost_batches"] == 0 and figures["lost_rollouts"] == 0, figures
+    assert figures.get("stragglers", 0) == 0, figures
 
 
 async def test_kill_9_of_the_coordinator_loses_no_acknowledged_rollout(world: World) -> None:
