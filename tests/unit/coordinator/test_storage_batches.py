@@ -310,3 +310,27 @@ def test_audit_kinds_queue_jobs_with_the_batch(storage_world: StorageWorld) -> N
     assert recorded.batch.audit_pending
     jobs = audits.list_audit_jobs(world.db, batch_id=recorded.batch.batch_id)
     assert sorted(j.kind for j in jobs) == [AuditKind.PROOF, AuditKind.SAMPLING]
+
+
+def test_a_cancelled_caller_does_not_stop_the_group_committer(
+    storage_world: StorageWorld,
+) -> None:
+    """A caller that gives up (cancelled RPC, shutdown) must not kill the writer thread."""
+    committer = batches.GroupCommitter(storage_world.db)
+    busy, release = threading.Event(), threading.Event()
+
+    def slow(_session: object) -> str:
+        busy.set()
+        release.wait(10)
+        return "slow"
+
+    first = committer.submit(slow)
+    assert busy.wait(10)
+    # Queued while the thread is busy, then abandoned by its caller.
+    abandoned = committer.submit(lambda _session: "abandoned")
+    assert abandoned.cancel()
+    release.set()
+    assert first.result(10) == "slow"
+    # The thread lives on: the next operation is committed and answered.
+    assert committer.submit(lambda _session: "next").result(10) == "next"
+    assert abandoned.cancelled()

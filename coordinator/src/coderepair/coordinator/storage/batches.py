@@ -554,6 +554,13 @@ class GroupCommitter:
             self._commit(group)
 
     def _commit(self, group: list[_Op[Any]]) -> None:
+        # A caller that gave up (its RPC was cancelled, the server is stopping) cancelled
+        # its future: its operation is dropped, never half-answered. Marking the others
+        # running makes them uncancellable, so setting their results below cannot raise
+        # (an InvalidStateError here once killed this thread and hung every later submit).
+        group = [op for op in group if op.future.set_running_or_notify_cancel()]
+        if not group:
+            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self._db.write() as session:
