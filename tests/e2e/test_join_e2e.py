@@ -65,7 +65,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(tmp: Path, world: dict[str, Any], trainer: Identity, port: int) -> CoordinatorConfig:
+def _config(
+    tmp: Path, world: dict[str, Any], trainer: Identity, port: int, lease_ttl_s: float = 120
+) -> CoordinatorConfig:
     return load_config(
         None,
         {
@@ -89,7 +91,7 @@ def _config(tmp: Path, world: dict[str, Any], trainer: Identity, port: int) -> C
                     "max_policy_lag": 1,
                     "max_new_tokens": 12,
                     "max_tasks_per_lease": 1,
-                    "lease_ttl_s": 120,
+                    "lease_ttl_s": lease_ttl_s,
                 }
             ],
         },
@@ -305,7 +307,10 @@ async def test_join_survives_a_coordinator_restart_without_loss_or_duplicates(
 ) -> None:
     trainer_id = Identity.create(tmp_path / "keys" / "trainer.pem")
     port = _free_port()
-    config = _config(tmp_path, world, trainer_id, port)
+    # A lease granted as the first coordinator went down may never reach the worker; it
+    # can only expire, so this test's leases expire sooner than the default.
+    ttl = 30.0
+    config = _config(tmp_path, world, trainer_id, port, lease_ttl_s=ttl)
     coordinator = Coordinator(config, seed=0)
     await coordinator.start()
     trainer = Trainer(coordinator.address, trainer_id, world)
@@ -321,6 +326,13 @@ async def test_join_survives_a_coordinator_restart_without_loss_or_duplicates(
             before = len(worker.of("batch_accepted"))
             await worker.wait_for("batch_accepted", before + 2)
             assert await worker.interrupt() == 0
+        # Everything the worker held is back in the pool at once or, for a lease whose
+        # grant was lost in the restart, once it expires.
+        deadline = asyncio.get_running_loop().time() + ttl + 15
+        while _open_leases(coordinator, world["n_tasks"]) and (
+            asyncio.get_running_loop().time() < deadline
+        ):
+            await asyncio.sleep(0.5)
         assert _open_leases(coordinator, world["n_tasks"]) == 0
         trainer = Trainer(coordinator.address, trainer_id, world)
         _check_exactly_once(worker, await trainer.rows())
