@@ -24,6 +24,9 @@ def test_tiny_profile_is_small_and_the_real_one_uses_its_budget() -> None:
     assert tiny.max_steps <= 5 and tiny.group_size >= 2
     assert real.max_steps > 100  # the time budget ends the real demo, not a step count
     assert len(real.problems) > len(tiny.problems)
+    # A pretrained model warm-starts on other problems than it is rewarded on; the tiny
+    # random one can only learn the patches of its RL tasks.
+    assert real.warm_tasks > 0 and tiny.warm_tasks == 0
     assert tiny.train_tasks + tiny.heldout_tasks <= len(tiny.problems) * tiny.max_per_problem
 
 

