@@ -157,9 +157,11 @@ def test_repeated_failures_ban_the_key(storage_world: StorageWorld) -> None:
     worker = repo.get_worker(world.db, world.alice.worker_id)
     assert worker is not None and worker.state is WorkerState.BANNED
     assert "2 failed audits" in (worker.ban_reason or "")
-    # A ban by audit does not void batches that were not audited.
+    # A ban by audit voids the key's batches still in their audit window, audited or not:
+    # a key that built a streak and then cheated sent most of its batches unaudited.
     stored = batches.get_batch(world.db, pending.batch_id)
-    assert stored is not None and stored.state is BatchState.PENDING_AUDIT
+    assert stored is not None and stored.state is BatchState.VOIDED
+    assert worker.credit_pending == 0
     unbanned = audits.unban_worker(world.db, world.alice.worker_id, T0 + 2)
     assert unbanned.state is WorkerState.ACTIVE and unbanned.valid_streak == 0
 

@@ -242,15 +242,26 @@ def _count_failure(session: Session, worker_id: str, max_failed: int, now_ms: in
     worker.valid_streak = 0
     worker.audits_failed += 1
     if worker.state is WorkerState.ACTIVE and worker.audits_failed >= max_failed:
-        _ban(
-            session,
-            worker,
-            f"{worker.audits_failed} failed audits (limit {max_failed})",
-            None,
-            now_ms,
-        )
+        reason = f"{worker.audits_failed} failed audits (limit {max_failed})"
+        _ban(session, worker, reason, None, now_ms)
+        # A key proven to cheat gets no credit for what it sent unaudited either: a worker
+        # that built a streak and then cheated has most of its batches in that state.
+        _void_pending(session, worker_id, reason, now_ms)
         return True
     return False
+
+
+def _void_pending(session: Session, worker_id: str, reason: str, now_ms: int) -> int:
+    """Void the worker's batches still in their audit window; returns how many."""
+    pending = session.scalars(
+        select(Batch.batch_id).where(
+            Batch.worker_id == worker_id, Batch.state == BatchState.PENDING_AUDIT
+        )
+    ).all()
+    return sum(
+        _void(session, batch_id, "BANNED", f"worker banned: {reason}", now_ms)
+        for batch_id in pending
+    )
 
 
 def _ban(session: Session, worker: Worker, reason: str, until_ms: int | None, now_ms: int) -> None:
@@ -278,15 +289,7 @@ def ban_worker(
     with db.write() as session:
         worker = _lock_worker(session, worker_id)
         _ban(session, worker, reason, until_ms, now_ms)
-        voided = 0
-        if void_pending:
-            pending = session.scalars(
-                select(Batch.batch_id).where(
-                    Batch.worker_id == worker_id, Batch.state == BatchState.PENDING_AUDIT
-                )
-            ).all()
-            for batch_id in pending:
-                voided += _void(session, batch_id, "BANNED", f"worker banned: {reason}", now_ms)
+        voided = _void_pending(session, worker_id, reason, now_ms) if void_pending else 0
         session.refresh(worker)
         return worker, voided
 
