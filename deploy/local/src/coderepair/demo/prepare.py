@@ -386,6 +386,9 @@ def _write_configs(plan: DemoPlan, trainer_pub: str, trainer_key: Path, dash_por
         "max_steps": p.max_steps,
         "prompts_per_step": p.prompts_per_step,
         "group_size": p.group_size,
+        # Two sequences per pass: SmolLM2's 49k-entry logits over 8 sequences took the
+        # trainer to 13 GB and the OOM killer (the result does not depend on it).
+        "micro_batch_size": 2,
         "max_staleness": 2,
         "temperature": p.temperature,
         "learning_rate": p.learning_rate,
