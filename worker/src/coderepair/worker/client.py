@@ -47,7 +47,12 @@ T = TypeVar("T")
 
 _W = f"/{rpc.WORKER_SERVICE}/"
 # Codes that say nothing about the request itself: the same request may succeed later.
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED is what a coordinator that stops gives the calls in flight (our own
+# cancellation raises CancelledError instead); submits carry an idempotency key, so a
+# batch retried after it is stored once, not dropped as refused.
+_TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 # Channel reconnect backoff kept short: the client's own retry loop paces the attempts.
 _RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -284,8 +289,12 @@ class CoordinatorClient:
             answer: worker_pb2.LeaseTasksResponse = await stub.LeaseTasks(request, timeout=timeout)
             return answer
 
+        # Not on a deadline (a lease granted to a call that timed out would be held by no
+        # one), but on CANCELLED: a stopping coordinator drops the grant it did not answer.
         return await self._call(
-            "LeaseTasks", attempt, retry_codes=frozenset({grpc.StatusCode.UNAVAILABLE})
+            "LeaseTasks",
+            attempt,
+            retry_codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}),
         )
 
     async def submit(self, payload: worker_pb2.SubmitPayload) -> worker_pb2.SubmitRolloutsResponse:
