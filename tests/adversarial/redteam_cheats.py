@@ -39,16 +39,6 @@ _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_RE
 _reprove = calibrate._reprove
 
 # Strategies whose samples are made here (the rest only change how a batch is sent).
-SAMPLE_CHEATS = (
-    "wrong_model",
-    "perturbed_weights",
-    "hinted_prompt",
-    "edited_tokens",
-    "injected_text",
-    "best_of_n",
-    "inflated_reward",
-    "tampered_sandbox",
-)
 
 
 class TamperedSandbox:

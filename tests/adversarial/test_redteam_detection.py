@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from redteam_support import (
+    SAMPLE_CHEATS,
     CoordinatorProcess,
     build_world,
     detection,
@@ -28,16 +29,8 @@ from redteam_support import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-AUDITED = (
-    "wrong_model",
-    "perturbed_weights",
-    "hinted_prompt",
-    "edited_tokens",
-    "injected_text",
-    "best_of_n",
-    "inflated_reward",
-    "tampered_sandbox",
-)
+# Every cheat whose samples are forged is caught by an audit.
+AUDITED = SAMPLE_CHEATS
 
 
 async def _run(tmp_path: Path, group: list[Any], batches: int) -> dict[str, Any]:
