@@ -157,8 +157,9 @@ class Trainer:
 class WorkerProcess:
     """`coderepair-worker --json-logs join` and the JSON events it prints."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, stderr: Path) -> None:
         self.proc = proc
+        self.stderr = stderr
         self.events: list[dict[str, Any]] = []
         self._reader = asyncio.create_task(self._read())
         self._changed = asyncio.Event()
@@ -190,7 +191,9 @@ class WorkerProcess:
             ) from None
 
     def tail(self) -> str:
-        return "\n".join(json.dumps(e) for e in self.events[-15:])
+        events = "\n".join(json.dumps(e) for e in self.events[-15:])
+        errors = self.stderr.read_text(errors="replace")[-4000:] if self.stderr.exists() else ""
+        return f"{events}\n--- worker stderr (last 4000 characters) ---\n{errors}"
 
     async def interrupt(self, timeout: float = 90.0) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -205,31 +208,33 @@ async def _worker(tmp: Path, port: int) -> AsyncIterator[WorkerProcess]:
         "XDG_CONFIG_HOME": str(tmp / "xdg-config"),
         "PYTHONUNBUFFERED": "1",
     }
-    proc = await asyncio.create_subprocess_exec(
-        str(WORKER_BIN),
-        "--json-logs",
-        "join",
-        "--coordinator",
-        f"127.0.0.1:{port}",
-        "--key",
-        str(tmp / "keys" / "worker.pem"),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--engine",
-        "hf",
-        "--cpu-threads",
-        "1",
-        "--max-tasks",
-        "1",
-        "--policy-poll",
-        "1",
-        "--drain-timeout",
-        "60",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=env,
-    )
-    worker = WorkerProcess(proc)
+    stderr = tmp / "worker-stderr.log"
+    with stderr.open("wb") as errors:
+        proc = await asyncio.create_subprocess_exec(
+            str(WORKER_BIN),
+            "--json-logs",
+            "join",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--key",
+            str(tmp / "keys" / "worker.pem"),
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--engine",
+            "hf",
+            "--cpu-threads",
+            "1",
+            "--max-tasks",
+            "1",
+            "--policy-poll",
+            "1",
+            "--drain-timeout",
+            "60",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
+            env=env,
+        )
+    worker = WorkerProcess(proc, stderr)
     try:
         yield worker
     finally:
@@ -284,7 +289,7 @@ async def test_join_produces_accepted_rollouts_takes_new_policy_and_leaves_on_si
             # Leases issued before v2 may still be in the pipeline; later ones are v2's.
             while not any(e["policy_version"] == 2 for e in worker.of("batch_accepted")):
                 await worker.wait_for("batch_accepted", len(worker.of("batch_accepted")) + 1)
-            assert await worker.interrupt() == 0
+            assert await worker.interrupt() == 0, worker.tail()
             assert worker.of("left"), worker.tail()
         assert _open_leases(coordinator, world["n_tasks"]) == 0
         rows = await trainer.rows()
@@ -302,11 +307,6 @@ async def test_join_produces_accepted_rollouts_takes_new_policy_and_leaves_on_si
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky (about 1 run in 3 here): a stop mid-call can still end the worker's run or "
-    "leave a lease open; CANCELLED is now retried, the rest is an open issue",
-)
 async def test_join_survives_a_coordinator_restart_without_loss_or_duplicates(
     tmp_path: Path, world: dict[str, Any]
 ) -> None:
@@ -330,7 +330,7 @@ async def test_join_survives_a_coordinator_restart_without_loss_or_duplicates(
             await coordinator.start()
             before = len(worker.of("batch_accepted"))
             await worker.wait_for("batch_accepted", before + 2)
-            assert await worker.interrupt() == 0
+            assert await worker.interrupt() == 0, worker.tail()
         # Everything the worker held is back in the pool at once or, for a lease whose
         # grant was lost in the restart, once it expires.
         deadline = asyncio.get_running_loop().time() + ttl + 15

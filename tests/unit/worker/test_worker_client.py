@@ -157,3 +157,79 @@ async def test_reconnects_to_a_restarted_server_and_the_batch_is_stored_once(
             await server.stop(None)
     assert again.accepted and again.replayed_response and again.batch_id == first.batch_id
     assert c.stats.reconnects >= 1 and len(servicer.stored) == 1
+
+
+class SlowHeartbeat(Scripted):
+    """Scripted, plus a Heartbeat that answers only after ``delay_s``."""
+
+    def __init__(self, failures: int, delay_s: float) -> None:
+        super().__init__(failures)
+        self.delay_s = delay_s
+        self.heartbeat_started = asyncio.Event()
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:
+        self.heartbeat_started.set()
+        await asyncio.sleep(self.delay_s)
+        return worker_pb2.HeartbeatResponse(heartbeat_interval_ms=1234)
+
+
+async def test_a_reconnect_does_not_cancel_the_other_calls_in_flight(port: int) -> None:
+    # A submit that meets UNAVAILABLE rebuilds the channel while a heartbeat (or a lease)
+    # runs on the old one. Closing that channel at once cancelled the heartbeat locally,
+    # which grpc.aio reports as a bare CancelledError: it ended the worker's whole run.
+    servicer = SlowHeartbeat(failures=1, delay_s=0.5)
+    server = await _serve(servicer, port)
+    try:
+        async with CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(), retry=FAST) as c:
+            beat = asyncio.create_task(
+                c.heartbeat(
+                    activity=worker_pb2.WORKER_ACTIVITY_WORKING,
+                    lease_ids=[],
+                    run_id="r1",
+                    policy_version=1,
+                    tokens_per_second=0.0,
+                )
+            )
+            await asyncio.wait_for(servicer.heartbeat_started.wait(), 5)
+            answer = await c.submit(_payload())  # UNAVAILABLE once: a reconnect
+            assert c.stats.reconnects == 1
+            beaten = await asyncio.wait_for(beat, 5)
+    finally:
+        await server.stop(None)
+    assert answer.accepted
+    assert beaten.heartbeat_interval_ms == 1234
+
+
+async def test_a_locally_cancelled_call_is_retried_but_our_own_cancellation_is_not(
+    port: int,
+) -> None:
+    servicer = SlowHeartbeat(failures=0, delay_s=0.3)
+    server = await _serve(servicer, port)
+    try:
+        async with CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(), retry=FAST) as c:
+
+            def beat() -> Any:
+                return c.heartbeat(
+                    activity=worker_pb2.WORKER_ACTIVITY_WORKING,
+                    lease_ids=[],
+                    run_id="r1",
+                    policy_version=1,
+                    tokens_per_second=0.0,
+                )
+
+            # The channel closed under the call (not this task cancelled): retried.
+            first = asyncio.create_task(beat())
+            await asyncio.wait_for(servicer.heartbeat_started.wait(), 5)
+            assert c._channel is not None
+            await c._channel.close()
+            answered = await asyncio.wait_for(first, 5)
+            assert answered.heartbeat_interval_ms == 1234 and c.stats.retries >= 1
+            # The task itself cancelled: the cancellation goes through.
+            servicer.heartbeat_started.clear()
+            second = asyncio.create_task(beat())
+            await asyncio.wait_for(servicer.heartbeat_started.wait(), 5)
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+    finally:
+        await server.stop(None)

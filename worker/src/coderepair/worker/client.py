@@ -17,6 +17,7 @@ status with a `Rejection` in the trailers) is never retried: it raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -133,6 +134,8 @@ class CoordinatorClient:
         self._sleep = sleep
         self._channel: grpc.aio.Channel | None = None
         self._stub: worker_pb2_grpc.WorkerServiceStub | None = None
+        # Channels replaced by `reconnect` while other calls may still run on them.
+        self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         # Coordinator time minus local time, learnt at Register: signing with the
         # coordinator's clock keeps a worker with a wrong clock inside the skew bound.
         self.clock_offset_ms = 0
@@ -144,8 +147,14 @@ class CoordinatorClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel (idempotent)."""
+        """Close the channel and any retired one still draining (idempotent)."""
         channel, self._channel, self._stub = self._channel, None, None
+        retired, self._retired = self._retired, {}
+        for task, old in retired.items():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await old.close()  # a no-op when its graceful close had finished
         if channel is not None:
             await channel.close()
 
@@ -158,9 +167,19 @@ class CoordinatorClient:
         return self._stub
 
     async def reconnect(self) -> None:
-        """Drop the channel; the next call opens a fresh one."""
+        """Drop the channel; the next call opens a fresh one.
+
+        The old channel is not closed at once: closing a grpc.aio channel cancels the
+        calls still running on it, and those (a heartbeat, a lease, another batch) would
+        see a bare `asyncio.CancelledError` that ends the task awaiting them. It closes
+        in the background once its calls are done, or after one call timeout.
+        """
         self.stats.reconnects += 1
-        await self.close()
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            task = asyncio.create_task(channel.close(grace=self.retry.call_timeout_s))
+            self._retired[task] = channel
+            task.add_done_callback(lambda done: self._retired.pop(done, None))
 
     def _envelope(self, method: str, payload: _message.Message) -> bytes:
         purpose = rpc.SIGNED_RPCS[_W + method].purpose
@@ -181,26 +200,39 @@ class CoordinatorClient:
         attempt = 0
         while True:
             self.stats.calls += 1
+            local = False
             try:
                 return await attempt_fn(self._ensure(), self.retry.call_timeout_s)
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError for a call cancelled *locally*, which is
+                # also what a closed channel does to its calls. Only a cancellation of
+                # this task is ours to pass on; any other is a lost call, retried.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                code, local = grpc.StatusCode.CANCELLED, True
+                details = "the call was cancelled on this side (its channel closed)"
+                if code not in retry_codes:
+                    raise CoordinatorUnavailable(f"{name}: {details}") from None
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code not in retry_codes:
                     raise _refusal(name, exc) from None
-                if code is grpc.StatusCode.UNAVAILABLE:
-                    await self.reconnect()
-                wait = self.retry.backoff(attempt, self._rng)
-                if time.monotonic() - start + wait > self.retry.max_elapsed_s:
-                    raise CoordinatorUnavailable(
-                        f"{name}: the coordinator at {self.address} did not answer for "
-                        f"{time.monotonic() - start:.0f} s ({code.name}: {exc.details()}); "
-                        "check that it runs and that this machine can reach it "
-                        "(`coderepair-worker doctor`)"
-                    ) from None
-                self.stats.retries += 1
-                log.info("%s: %s, retrying in %.2f s", name, code.name, wait)
-                await self._sleep(wait)
-                attempt += 1
+                details = exc.details()
+            if code is grpc.StatusCode.UNAVAILABLE or local:
+                await self.reconnect()
+            wait = self.retry.backoff(attempt, self._rng)
+            if time.monotonic() - start + wait > self.retry.max_elapsed_s:
+                raise CoordinatorUnavailable(
+                    f"{name}: the coordinator at {self.address} did not answer for "
+                    f"{time.monotonic() - start:.0f} s ({code.name}: {details}); "
+                    "check that it runs and that this machine can reach it "
+                    "(`coderepair-worker doctor`)"
+                ) from None
+            self.stats.retries += 1
+            log.info("%s: %s, retrying in %.2f s", name, code.name, wait)
+            await self._sleep(wait)
+            attempt += 1
 
     # ---------------------------------------------------------------- the RPCs
 

@@ -249,6 +249,7 @@ class WorkLoop:
         self._held: dict[str, common_pb2.Lease] = {}
         self._revoked: set[str] = set()
         self._generating: str | None = None
+        self._leasing = False
         self._sandboxes = asyncio.Semaphore(config.max_sandboxes)
         self._refresh = asyncio.Event()
         self._reward_sum = 0.0
@@ -298,13 +299,13 @@ class WorkLoop:
         try:
             done, _ = await asyncio.wait([*stages, drain_wait], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not drain_wait and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task is not drain_wait:
+                    _raise_if_failed(task)
             deadline = time.monotonic() + self._config.drain_timeout_s
             while time.monotonic() < deadline:
                 for task in stages:
-                    if task.done() and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
+                    if task.done():
+                        _raise_if_failed(task)
                 if self._pipeline_empty():
                     return
                 await asyncio.sleep(0.05)
@@ -314,7 +315,8 @@ class WorkLoop:
 
     def _pipeline_empty(self) -> bool:
         return (
-            self._generating is None
+            not self._leasing
+            and self._generating is None
             and self._to_verify.empty()
             and self._to_submit.empty()
             and not self._held
@@ -343,6 +345,9 @@ class WorkLoop:
     async def _produce(self) -> None:
         while not self._draining.is_set():
             await self._policy.swap()
+            # While the call runs the pipeline is not empty: a drain that cancelled it
+            # would leave the lease the coordinator granted held by no one.
+            self._leasing = True
             try:
                 answer = await self._client.lease(
                     self._config.run_id, self._config.max_tasks, self._policy.engine_version or None
@@ -351,10 +356,16 @@ class WorkLoop:
                 self._view.event("coordinator_unreachable", f"no lease: {exc}")
                 await self._idle(5.0)
                 continue
+            finally:
+                self._leasing = False
             if not answer.HasField("lease"):
                 await self._idle(max(answer.retry_after_ms, 200) / 1000.0)
                 continue
             lease = answer.lease
+            if self._draining.is_set():
+                # Granted as the drain began: give it straight back, ungenerated.
+                await self._release(lease.lease_id, "the worker is leaving")
+                continue
             self._held[lease.lease_id] = lease
             self._generating = lease.lease_id
             self.stats.leases += 1
@@ -626,6 +637,19 @@ class WorkLoop:
             self.stats.reconnects = self._client.stats.reconnects
             self._view.refresh()
             await asyncio.sleep(0.5)
+
+
+def _raise_if_failed(stage: asyncio.Task[None]) -> None:
+    """Re-raise a finished stage's error; a stage cancelled by anyone but `run` is one too.
+
+    Without the second case a stray `CancelledError` (grpc.aio raises one for a call
+    whose channel closed) would pass through `run` and end the worker with no word.
+    """
+    if stage.cancelled():
+        raise LoopError(f"the {stage.get_name()} stage stopped unexpectedly (cancelled)")
+    error = stage.exception()
+    if error is not None:
+        raise error
 
 
 def _ms(seconds: float) -> int:
