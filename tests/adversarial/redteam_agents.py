@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "co
 import grpc
 
 from coderepair.protocol import rpc
+from coderepair.protocol.errors import ProtocolError
 from coderepair.protocol.identity import Identity
 from coderepair.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coderepair.worker.client import (
@@ -266,11 +268,15 @@ class Agent:
             again = worker_pb2.SubmitPayload()
             again.CopyFrom(first)
             again.idempotency_key = uuid.uuid4().hex
-            if kind == 2:  # its samples on a new lease of the same task
-                new = await self._lease_task({t.task_id for t in lease.tasks})
+            if kind == 2:  # its samples on a new lease (of the same task when one comes)
+                new = await self._lease_task({t.task_id for t in lease.tasks}, tries=3)
+                new = new or await self.lease()
                 if new is None:
                     return
                 again.lease_id = new.lease_id
+                await self.submit(again, cheat=True)
+                await self.client.release(new.lease_id, "replayed onto it; done")
+                continue
             await self.submit(again, cheat=True)
 
     async def _raw_submit(self, envelope: bytes, what: str) -> None:
@@ -284,7 +290,8 @@ class Agent:
                     worker_pb2.SubmitRolloutsRequest(envelope=envelope), timeout=15
                 )
             except grpc.aio.AioRpcError as exc:
-                self.note("refused", reason=exc.code().name, message=what, cheat=cheat, samples=0)
+                reason = _status_reason(exc)
+                self.note("refused", reason=reason, message=what, cheat=cheat, samples=0)
                 return
         if answer.accepted:
             self.note(
@@ -323,7 +330,8 @@ class Agent:
             try:
                 raw = await call(request, timeout=30)
             except grpc.aio.AioRpcError as exc:
-                self.note("refused", reason=exc.code().name, message=what, cheat=True, samples=0)
+                reason = _status_reason(exc)
+                self.note("refused", reason=reason, message=what, cheat=True, samples=0)
                 return
         answer = worker_pb2.SubmitRolloutsResponse.FromString(raw)
         event = "ack" if answer.accepted else "rejected"
@@ -335,6 +343,16 @@ class Agent:
             cheat=True,
             samples=0,
         )
+
+
+def _status_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The `Rejection` reason a refusal by status carries, else the status code's name:
+    after a ban, the key's requests are refused with REJECTION_REASON_BANNED."""
+    with contextlib.suppress(ProtocolError):
+        rejection = rpc.rejection_from_metadata(exc.trailing_metadata())
+        if rejection is not None and rejection.reason == R.REJECTION_REASON_BANNED:
+            return R.Name(rejection.reason)
+    return exc.code().name
 
 
 async def run_sybil(spec: dict[str, Any], journal: Journal) -> None:

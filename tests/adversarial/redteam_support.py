@@ -52,6 +52,7 @@ SAMPLE_CHEATS = (
     "inflated_reward",
     "tampered_sandbox",
 )
+HONEST_STRATEGIES = frozenset({"honest", "synthetic"})
 LOOP_CHEATS = ("replayed_batch", "copied", "stale_policy", "sybil", "garbage")
 STRATEGIES = ("honest", *SAMPLE_CHEATS, *LOOP_CHEATS)
 
@@ -435,6 +436,10 @@ def detection(evts: Sequence[dict[str, Any]], stored: Stored) -> dict[str, Any]:
             continue
         if not e.get("cheat") and not e.get("samples"):
             continue  # a probe (the replay agent's first signed copy), not a batch
+        if not e.get("cheat") and e.get("strategy") not in HONEST_STRATEGIES:
+            # A cheater's own honest batch (the one the replay agent then replays): not
+            # a cheat to catch, and voiding it when its key is banned harms no honest worker.
+            continue
         fig = per[e["strategy"] if e.get("cheat") else "honest"]
         if e["event"] == "refused" and e.get("reason") == "REJECTION_REASON_BANNED":
             fig["after_ban"] += 1

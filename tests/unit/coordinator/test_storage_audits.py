@@ -211,3 +211,52 @@ def test_audit_window_grants_credit_only_when_every_audit_passed(
             world.db, job_id, "v1", verdict=AuditState.CLAIMED, detail="", metrics={},
             now_ms=T0, max_failed_audits=3,
         )  # fmt: skip
+
+
+def _refuse(world: StorageWorld, worker: Worker, key: str, reason: str, now: int) -> bool:
+    draft = BatchDraft(
+        worker_id=worker.worker_id,
+        idempotency_key=key,
+        payload_sha256="e" * 64,
+        run_id=None,
+        lease_id=None,
+        policy_version=0,
+        rejection=batches.Rejection(reason, "refused", ban_after=3, ban_window=6),
+    )
+    return batches.record_batch(world.db, draft, now).banned
+
+
+def test_malformed_batches_ban_the_key_that_signed_them(storage_world: StorageWorld) -> None:
+    world = storage_world
+    pending = _submit(world, world.alice, "key-strike-good1")
+    # Refusals an honest worker meets (an expired lease, a stale version) never count.
+    for n in range(6):
+        reason = ("LEASE_EXPIRED", "STALE_POLICY", "DUPLICATE")[n % 3]
+        assert not _refuse(world, world.alice, f"key-honest-{n:06d}", reason, T0 + 10 + n)
+    # Strikes count among the key's last 6 batches only, so two long ago do not add up.
+    assert not _refuse(world, world.alice, "key-strike-0001", "STRUCTURAL", T0 + 20)
+    assert not _refuse(world, world.alice, "key-strike-0002", "REPLAY", T0 + 21)
+    worker = repo.get_worker(world.db, world.alice.worker_id)
+    assert worker is not None and worker.state is WorkerState.ACTIVE
+    # A retry of a refusal is answered from the stored verdict and is no new strike.
+    assert not _refuse(world, world.alice, "key-strike-0002", "REPLAY", T0 + 22)
+    assert _refuse(world, world.alice, "key-strike-0003", "NOT_LEASE_OWNER", T0 + 23)
+    worker = repo.get_worker(world.db, world.alice.worker_id)
+    assert worker is not None and worker.state is WorkerState.BANNED
+    assert "3 of its last 6 batches" in (worker.ban_reason or "")
+    stored = batches.get_batch(world.db, pending.batch_id)
+    assert stored is not None and stored.state is BatchState.VOIDED
+    # Bob's record is his own.
+    bob = repo.get_worker(world.db, world.bob.worker_id)
+    assert bob is not None and bob.state is WorkerState.ACTIVE
+
+
+def test_strikes_outside_the_window_do_not_ban(storage_world: StorageWorld) -> None:
+    world = storage_world
+    for n in range(2):
+        assert not _refuse(world, world.alice, f"key-old-strike-{n:04d}", "STRUCTURAL", T0 - 9 + n)
+    for n in range(6):  # accepted at T0, after the two strikes
+        _submit(world, world.alice, f"key-window-good-{n:02d}")
+    assert not _refuse(world, world.alice, "key-new-strike-0001", "STRUCTURAL", T0 + 100)
+    worker = repo.get_worker(world.db, world.alice.worker_id)
+    assert worker is not None and worker.state is WorkerState.ACTIVE

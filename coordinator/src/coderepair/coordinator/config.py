@@ -295,6 +295,21 @@ class AuditConfig(_Section):
     max_failed_audits: int = Field(
         default=3, ge=1, le=1000, description="Failed audits after which a key is banned."
     )
+    ban_after_malformed: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Ban a key when this many of its last `malformed_window` batches were "
+        "refused as malformed (STRUCTURAL), for another key's lease (NOT_LEASE_OWNER) or as "
+        "a second batch for a lease it already submitted (REPLAY); 0 never bans for these. "
+        "Only the key's holder can sign such a batch, and the worker program sends none.",
+    )
+    malformed_window: int = Field(
+        default=20,
+        ge=1,
+        le=100_000,
+        description="How many of a key's latest batches `ban_after_malformed` looks at.",
+    )
     window_s: float = Field(
         default=300.0,
         ge=0,
@@ -367,6 +382,12 @@ class AuditConfig(_Section):
             raise ValueError(
                 "audit.auditor = 'model' needs audit.policy_dir: give the base model's "
                 "directory, or set audit.auditor = 'consistency'"
+            )
+        if self.malformed_window < self.ban_after_malformed:
+            raise ValueError(
+                f"audit.malformed_window ({self.malformed_window}) is smaller than "
+                f"audit.ban_after_malformed ({self.ban_after_malformed}), so no key could "
+                "ever reach the limit: raise the window or lower the limit"
             )
         return self
 

@@ -91,6 +91,14 @@ def check_lease_open(view: LeaseView, worker_id: str, now_ms: int) -> None:
             f"lease {lease.lease_id} passed its deadline ({lease.deadline_unix_ms} unix ms); "
             "its tasks went back to the pool: lease new work",
         )
+    if lease.state is LeaseState.SUBMITTED:
+        # A retry under the batch's own idempotency key never gets here (it is answered
+        # with the stored verdict): this is a second batch for the same lease.
+        raise Refusal(
+            R.REJECTION_REASON_REPLAY,
+            f"lease {lease.lease_id} already has its accepted batch; a second batch for it "
+            "is a replay: retry only under the original idempotency key, and lease new work",
+        )
     if lease.state is not LeaseState.OPEN:
         raise Refusal(
             R.REJECTION_REASON_UNKNOWN_LEASE,
@@ -136,9 +144,11 @@ def _check_sample(
         raise fail(
             f"has {len(sample.behaviour_logprobs)} behaviour logprobs for {n} tokens: one each"
         )
-    for lp in sample.behaviour_logprobs:
-        if not math.isfinite(lp) or lp > _LOGPROB_SLACK:
-            raise fail(f"behaviour logprob {lp} is not a finite number <= 0")
+    logprobs = sample.behaviour_logprobs
+    # C loops: this runs for every token the coordinator ingests.
+    if n and not (all(map(math.isfinite, logprobs)) and max(logprobs) <= _LOGPROB_SLACK):
+        bad = next(lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK)
+        raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
     if len(sample.completion_text) > MAX_TEXT_CHARS or len(sample.patch) > MAX_TEXT_CHARS:
         raise fail(f"completion_text and patch are limited to {MAX_TEXT_CHARS} characters")
     size = proof_size()
@@ -241,7 +251,7 @@ def check_batch(
                     seed=int(sample.seed),
                     prompt_ids=list(sample.prompt_token_ids),
                     completion_ids=list(sample.completion_token_ids),
-                    behaviour_logprobs=[float(x) for x in sample.behaviour_logprobs],
+                    behaviour_logprobs=list(sample.behaviour_logprobs),  # doubles: floats
                     completion_text=sample.completion_text,
                     patch=sample.patch,
                     reward=float(sample.reward),

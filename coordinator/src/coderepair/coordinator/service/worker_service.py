@@ -412,7 +412,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             run_id=draft.run_id,
             lease_id=draft.lease_id,
             policy_version=draft.policy_version,
-            rejection=batches.Rejection(refusal.reason_name, refusal.message[:1024]),
+            rejection=batches.Rejection(
+                refusal.reason_name,
+                refusal.message[:1024],
+                ban_after=self._ctx.config.audit.ban_after_malformed,
+                ban_window=self._ctx.config.audit.malformed_window,
+            ),
         )
         try:
             recorded = await self._record(rejected)
@@ -424,6 +429,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         response = convert.submit_response(recorded.batch, replayed=False)
         # Keep the pointers (task, sample) of this answer; the stored copy has none.
         response.rejection.CopyFrom(refusal.to_proto())
+        if recorded.banned:
+            log.warning("worker %s banned: too many malformed or replayed batches", draft.worker_id)
+            response.rejection.message = (
+                f"{response.rejection.message[:800]}; this key is now banned: too many of its "
+                "recent batches were malformed, for another key's lease or replayed"
+            )
         return response
 
     async def _accept(

@@ -44,6 +44,7 @@ from coderepair.coordinator.storage.models import (
 from coderepair.coordinator.storage.repo import canonical_json
 
 __all__ = [
+    "STRIKE_REASONS",
     "AuditOutcome",
     "audit_metrics",
     "ban_worker",
@@ -51,6 +52,7 @@ __all__ = [
     "close_audit_windows",
     "finish_audit_job",
     "list_audit_jobs",
+    "strike",
     "unban_worker",
     "void_batch",
 ]
@@ -262,6 +264,40 @@ def _void_pending(session: Session, worker_id: str, reason: str, now_ms: int) ->
         _void(session, batch_id, "BANNED", f"worker banned: {reason}", now_ms)
         for batch_id in pending
     )
+
+
+# Refusals of a signed batch that the worker program never earns, so only the key's
+# holder can have sent them on purpose: malformed batches, batches for another key's
+# lease, a second batch (under a new idempotency key) for a lease already submitted.
+# Expired leases, stale versions and duplicates happen to honest workers too.
+STRIKE_REASONS = frozenset({"STRUCTURAL", "NOT_LEASE_OWNER", "REPLAY"})
+
+
+def strike(session: Session, worker_id: str, *, limit: int, window: int, now_ms: int) -> bool:
+    """After a refusal in `STRIKE_REASONS`: ban the key (voiding its batches still in
+    their audit window) when ``limit`` of its last ``window`` batches were such refusals.
+    True when this call banned it. Runs in the transaction that stored the refusal."""
+    if limit <= 0:
+        return False
+    recent = session.scalars(
+        select(Batch.rejection_reason)
+        .where(Batch.worker_id == worker_id)
+        .order_by(Batch.created_unix_ms.desc())
+        .limit(window)
+    ).all()
+    strikes = sum(reason in STRIKE_REASONS for reason in recent)
+    if strikes < limit:
+        return False
+    worker = _lock_worker(session, worker_id)
+    if worker.state is not WorkerState.ACTIVE:
+        return False
+    reason = (
+        f"{strikes} of its last {len(recent)} batches were malformed, for another key's "
+        f"lease or replayed (limit {limit})"
+    )
+    _ban(session, worker, reason, None, now_ms)
+    _void_pending(session, worker_id, reason, now_ms)
+    return True
 
 
 def _ban(session: Session, worker: Worker, reason: str, until_ms: int | None, now_ms: int) -> None:

@@ -50,6 +50,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from coderepair.coordinator.storage import audits
 from coderepair.coordinator.storage.db import Database
 from coderepair.coordinator.storage.errors import (
     ConflictError,
@@ -136,6 +137,10 @@ class Rejection:
 
     reason: str
     message: str
+    ban_after: int = 0
+    """Ban the key when this many of its last `ban_window` batches were refused for
+    `audits.STRIKE_REASONS` (0: never)."""
+    ban_window: int = 20
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ class RecordedBatch:
 
     batch: Batch
     created: bool
+    banned: bool = False
+    """This refusal got the key banned (see `Rejection.ban_after`)."""
 
 
 # The submission path runs these Core statements, built once with bind parameters: the
@@ -281,7 +288,16 @@ def record_in(session: Session, draft: BatchDraft, now_ms: int) -> RecordedBatch
     if existing is not None:
         return RecordedBatch(existing, created=False)
     if draft.rejection is not None:
-        return RecordedBatch(_insert_rejected(connection, draft, now_ms), created=True)
+        rejected = _insert_rejected(connection, draft, now_ms)
+        refusal = draft.rejection
+        banned = refusal.reason in audits.STRIKE_REASONS and audits.strike(
+            session,
+            draft.worker_id,
+            limit=refusal.ban_after,
+            window=refusal.ban_window,
+            now_ms=now_ms,
+        )
+        return RecordedBatch(rejected, created=True, banned=banned)
     if worker.state == WorkerState.BANNED:
         raise WorkerBannedError(f"worker {draft.worker_id} is banned: {worker.ban_reason}")
     batch = _accept(connection, draft, now_ms)
