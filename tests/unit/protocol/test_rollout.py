@@ -245,3 +245,50 @@ def test_bad_sources() -> None:
         read_parquet(12)  # type: ignore[arg-type]
     with pytest.raises(RolloutDecodeError):
         read_parquet(Path("/nonexistent/rollouts.parquet"))
+
+
+_ITEMS = st.one_of(
+    st.integers(-5, 2**31 + 5),
+    st.sampled_from([0, 2**31 - 1, 2**31, -1, True, False]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=2),
+    st.none(),
+)
+
+
+def _valid_token(tok: object) -> bool:
+    return type(tok) is int and 0 <= tok <= 2**31 - 1
+
+
+def _valid_logprob(lp: object) -> bool:
+    return (
+        type(lp) in (int, float)
+        and lp == lp  # not NaN
+        and abs(lp) != float("inf")
+        and lp <= 1e-3  # type: ignore[operator]
+    )
+
+
+@given(st.lists(_ITEMS, max_size=8))
+def test_token_ids_are_accepted_exactly_when_every_item_is_an_id_in_range(
+    ids: list[object],
+) -> None:
+    # The fast path (C loops) and the naming loop must agree on every input.
+    logprobs = [-0.5] * len(ids)
+    if all(_valid_token(t) for t in ids):
+        _record(completion_ids=ids, behaviour_logprobs=logprobs)
+    else:
+        with pytest.raises(RolloutSchemaError, match="completion_ids.*item"):
+            _record(completion_ids=ids, behaviour_logprobs=logprobs)
+
+
+@given(st.lists(_ITEMS, max_size=8))
+def test_logprobs_are_accepted_exactly_when_every_item_is_finite_and_at_most_zero(
+    logprobs: list[object],
+) -> None:
+    ids = [5] * len(logprobs)
+    if all(_valid_logprob(lp) for lp in logprobs):
+        _record(completion_ids=ids, behaviour_logprobs=logprobs)
+    else:
+        with pytest.raises(RolloutSchemaError, match="behaviour_logprobs"):
+            _record(completion_ids=ids, behaviour_logprobs=logprobs)
