@@ -803,6 +803,9 @@ def print_report(results: dict[str, Any], group: int, total_s: float) -> None:
     print(f"\nAudit loop on vs off ({n} workers paced at {TARGET_ROLLOUTS} rollouts/s; fresh "
           "keys, so every batch is audited)")  # fmt: skip
     for label in labels:
+        if "audit_on" not in results[label]:
+            print(f"  {label:10s} not measured (--only-ingest)")
+            continue
         off, on, audits = (
             results[label]["paced"][-1],
             results[label]["audit_on"],

@@ -9,8 +9,9 @@ with one strategy each (`tests/adversarial/redteam_cheats.py`): another model, w
 perturbed by 1 %, a hint added to the prompt, tokens edited after generation, text
 injected, best-of-n over seeds, inflated rewards, a wrong patch that "passes" in a
 tampered sandbox, replayed batches, completions copied from an honest worker, a stale
-policy version, Sybil keys of one operator trying to hold the same task at once, and
-garbage / oversized payloads.
+policy version, Sybil keys of one operator trying to hold the same task at once,
+garbage / oversized payloads, and a key that builds a valid streak (so that BOINC audits
+only 1/streak of its batches) and then edits tokens in every batch.
 
 Then the faults, each against its own coordinator with synthetic workers that journal
 every acknowledged batch (fsynced) before their next call: kill -9 of the coordinator
@@ -47,9 +48,11 @@ import redteam_faults as faults
 import redteam_support as rs
 
 FULL = {"cheat_batches": 12, "honest_keys": 4, "honest_batches": 60, "load_workers": 200,
-        "load_seconds": 600.0, "fault_seconds": 20.0}  # fmt: skip
+        "load_seconds": 600.0, "fault_seconds": 20.0, "streak": 14,
+        "streak_cheat_batches": 40}  # fmt: skip
 QUICK = {"cheat_batches": 4, "honest_keys": 2, "honest_batches": 8, "load_workers": 50,
-         "load_seconds": 20.0, "fault_seconds": 10.0}  # fmt: skip
+         "load_seconds": 20.0, "fault_seconds": 10.0, "streak": 12,
+         "streak_cheat_batches": 8}  # fmt: skip
 # --quick: simulated workers grouped into three processes (each key still its own).
 QUICK_GROUPS = (
     (
@@ -94,6 +97,33 @@ async def detection(root: Path, settings: dict[str, Any], quick: bool) -> dict[s
         coordinator.stop()
 
 
+# The streak only grows as batches leave their audit window (600 s in the detection
+# phase, where no key gets past 10 and every batch is audited): this attack gets a
+# coordinator of its own whose window is short enough for a streak to build in seconds.
+STREAK_WINDOW_S = 1.0
+
+
+async def streak_phase(root: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    world = rs.build_world(root / "streak", n_tasks=24)
+    coordinator = rs.CoordinatorProcess(
+        world, "coordinator", model_audits=True, window_s=STREAK_WINDOW_S
+    )
+    await coordinator.start()
+    try:
+        await coordinator.publish()
+        agents = [
+            rs.spawn(world, coordinator.address, "streak_then_cheat", "streak_then_cheat",
+                     batches=settings["streak_cheat_batches"], streak=settings["streak"],
+                     seconds=3000.0, replica_tries=30)
+        ]  # fmt: skip
+        await rs.wait_agents(agents, 3600)
+        stored = await rs.wait_audits(coordinator.database_url, 600)
+        figures = rs.detection(rs.events(agents), stored)
+        return figures.get("streak_then_cheat") or {}
+    finally:
+        coordinator.stop()
+
+
 def run_population(
     world: rs.World, address: str, settings: dict[str, Any], quick: bool
 ) -> list[rs.Agent]:
@@ -109,6 +139,8 @@ def run_population(
         for i in range(settings["honest_keys"])
     ]
     for strategy in (*rs.SAMPLE_CHEATS, *rs.LOOP_CHEATS):
+        if strategy == "streak_then_cheat":
+            continue  # its own phase (`streak_phase`)
         agents.append(
             rs.spawn(
                 world,
@@ -147,6 +179,14 @@ async def load_phase(root: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return await faults.load(world, workers=workers, seconds=settings["load_seconds"])
 
 
+def _upper95(failures: int, n: int) -> float | None:
+    """One-sided 95 % upper bound of a rate after no failure in n trials (exact:
+    1 - 0.05^(1/n)); None when there were failures or no trials (the point rate says it)."""
+    if n <= 0 or failures:
+        return None
+    return float(1.0 - 0.05 ** (1.0 / n))
+
+
 def print_report(result: dict[str, Any]) -> dict[str, Any]:
     det = result["detection"]
     print("\nRed team: cheating workers (every batch of a fresh key is audited)")
@@ -176,13 +216,21 @@ def print_report(result: dict[str, Any]) -> dict[str, Any]:
     honest = det.get("honest", {"batches": 0, "detected": 0, "samples": 0, "samples_detected": 0})
     b_rate = honest["detected"] / honest["batches"] if honest["batches"] else None
     s_rate = honest["samples_detected"] / honest["samples"] if honest["samples"] else None
+    b_upper = _upper95(honest["detected"], honest["batches"])
+    s_upper = _upper95(honest["samples_detected"], honest["samples"])
     print(
         f"{'honest':<18} {honest['batches']:>7} {honest['detected']:>7} "
         f"{(b_rate or 0) * 100:>6.2f}%  false rejections: {honest['detected']} of "
         f"{honest['batches']} batches, {honest['samples_detected']} of {honest['samples']} "
         f"samples ({(s_rate or 0) * 100:.2f} %)"
-    )
+        + (f"; 95 % upper bounds {b_upper:.2%} per batch, {s_upper:.3%} per sample"
+           if b_upper is not None and s_upper is not None else "")
+    )  # fmt: skip
     print(f"Sybil: tasks held by two keys of one operator at once: {det['_sybil_replicas_held']}")
+    print(
+        f"streak_then_cheat: its own coordinator, audit window {STREAK_WINDOW_S} s, so that "
+        "BOINC's streak (and 1/streak audit rate) builds before it cheats in every batch"
+    )
     print("\nFaults: acknowledged rollouts lost")
     for name, fig in result["faults"].items():
         if "skipped" in fig:
@@ -207,7 +255,8 @@ def print_report(result: dict[str, Any]) -> dict[str, Any]:
         "detection": summary,
         "honest": {"batches": honest["batches"], "false_rejections": honest["detected"],
                    "batch_rate": b_rate, "samples": honest["samples"],
-                   "samples_rejected": honest["samples_detected"], "sample_rate": s_rate},
+                   "samples_rejected": honest["samples_detected"], "sample_rate": s_rate,
+                   "batch_rate_upper95": b_upper, "sample_rate_upper95": s_upper},
         "sybil_replicas_held": det["_sybil_replicas_held"],
         "faults": {name: {"lost_rollouts": f.get("lost_rollouts"), **f}
                    for name, f in result["faults"].items()},
@@ -224,6 +273,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {"mode": "quick" if args.quick else "full"}
         result["detection"] = await detection(root, settings, args.quick)
         print(f"  detection done in {result['detection']['_seconds']} s", file=sys.stderr)
+        result["detection"]["streak_then_cheat"] = await streak_phase(root, settings)
+        print("  streak phase done", file=sys.stderr)
         result["faults"] = await fault_phase(root, settings)
         result["load"] = await load_phase(root, settings)
         result["total_s"] = time.monotonic() - t0

@@ -16,7 +16,8 @@ key(s), and follows one strategy:
 * ``stale_policy``: generates with version 1 while leases name version 2;
 * ``sybil``: several keys of one operator that try to hold the same task at once, then
   cheat (edited tokens) with every key;
-* ``garbage``: malformed, oversized and out-of-range requests.
+* ``garbage``: malformed, oversized and out-of-range requests;
+* ``streak_then_cheat``: honest batches until audits thin out, then edited tokens.
 
 Every outcome is one JSON line in the spec's ``out`` file, written and fsynced before
 the next call: ``ack`` (the coordinator accepted the batch: it must be stored),
@@ -192,6 +193,35 @@ class Agent:
                 for sample in samples:
                     path = self.leak / f"{sample.task_id}.{sample.sample_index}.json"
                     path.write_text(json.dumps(leak_record(sample)))
+            if self.banned:
+                return
+
+    async def _run_streak_then_cheat(self) -> None:
+        # BOINC's weak spot: after `always_below_streak` valid batches only 1/streak are
+        # audited. Build a streak honestly (cover batches, not counted either way), then
+        # edit tokens in every batch and see how many get through.
+        for _ in range(self.spec.get("streak", 14)):
+            lease = await self.lease()
+            if lease is None or self.banned:
+                return
+            samples = await asyncio.to_thread(self.make, lease, "honest")
+            await self.submit(self.payload(lease, samples), cheat=False)
+        # The streak counts batches whose audits passed and whose window closed: wait
+        # for it, as a patient cheater would.
+        target = min(self.spec.get("streak", 14), 12)
+        for _ in range(600):
+            status = await self.client.status()
+            streak = int(status.worker.valid_streak) if status.HasField("worker") else 0
+            if streak >= target:
+                break
+            await asyncio.sleep(0.5)
+        self.note("streak", message=f"valid streak {streak} before cheating")
+        for _ in range(self.spec["batches"]):
+            lease = await self.lease()
+            if lease is None or self.banned:
+                return
+            samples = await asyncio.to_thread(self.make, lease, "edited_tokens")
+            await self.submit(self.payload(lease, samples), cheat=True)
             if self.banned:
                 return
 

@@ -53,7 +53,14 @@ SAMPLE_CHEATS = (
     "tampered_sandbox",
 )
 HONEST_STRATEGIES = frozenset({"honest", "synthetic"})
-LOOP_CHEATS = ("replayed_batch", "copied", "stale_policy", "sybil", "garbage")
+LOOP_CHEATS = (
+    "replayed_batch",
+    "copied",
+    "stale_policy",
+    "sybil",
+    "garbage",
+    "streak_then_cheat",
+)
 STRATEGIES = ("honest", *SAMPLE_CHEATS, *LOOP_CHEATS)
 
 

@@ -18,7 +18,9 @@ A `Profile` holds every size that differs between ``--tiny`` and the real model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import shutil
 import socket
 from dataclasses import dataclass, replace
@@ -294,12 +296,18 @@ def prepare(
         base = convert_smollm2()
     train = [t for t in read_taskset(warm_path(tasks_path)).tasks if t.split == "train"]
     say(f"warm start: {profile.warm_steps} supervised steps on {len(train)} training repairs ...")
-    start, report = warm_start(
-        base,
-        train,
-        models / f"{profile.name}-start",
-        WarmStartConfig(steps=profile.warm_steps, learning_rate=profile.warm_lr),
-    )
+    # In a child process: the fine-tune's model, optimizer state and allocator arenas
+    # (about 4 GB for SmolLM2) go back to the machine before the network starts.
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        start, report = pool.submit(
+            warm_start,
+            base,
+            train,
+            models / f"{profile.name}-start",
+            WarmStartConfig(steps=profile.warm_steps, learning_rate=profile.warm_lr),
+        ).result()
     facts["warm_start"] = {k: v for k, v in report.items() if k != "fingerprint"}
 
     trainer_key = workdir / "keys" / "trainer.pem"
