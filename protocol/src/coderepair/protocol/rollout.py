@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
@@ -136,12 +136,12 @@ def _check_float(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_logprobs(value: list[object]) -> None:
+def _check_logprobs(value: Sequence[Any]) -> None:
     # As in `_check_ids`: C loops for plain finite floats, the naming loop otherwise.
     if not value or (
         set(map(type, value)) <= {float, int}
-        and all(map(math.isfinite, value))  # type: ignore[arg-type]
-        and max(value) <= _LOGPROB_SLACK  # type: ignore[type-var]
+        and all(map(math.isfinite, value))
+        and max(value) <= _LOGPROB_SLACK
     ):
         return
     for i, lp in enumerate(value):

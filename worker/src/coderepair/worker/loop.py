@@ -639,7 +639,7 @@ class WorkLoop:
             await asyncio.sleep(0.5)
 
 
-def _raise_if_failed(stage: asyncio.Task[None]) -> None:
+def _raise_if_failed(stage: asyncio.Task[Any]) -> None:
     """Re-raise a finished stage's error; a stage cancelled by anyone but `run` is one too.
 
     Without the second case a stray `CancelledError` (grpc.aio raises one for a call
