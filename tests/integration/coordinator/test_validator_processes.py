@@ -94,7 +94,13 @@ async def test_two_validators_drain_the_backlog_without_doing_a_job_twice(
             deadline = time.monotonic() + 120
             while True:
                 jobs = audits.list_audit_jobs(db, limit=1000)
-                if all(j.state is AuditState.PASSED for j in jobs):
+                # Both up (their SIGTERM handlers installed: one may drain the whole
+                # backlog while the other still imports, and a SIGTERM then kills it).
+                started = all(
+                    log.is_file() and " auditing (" in log.read_text(errors="replace")
+                    for log in logs
+                )
+                if started and all(j.state is AuditState.PASSED for j in jobs):
                     break
                 for process, log in zip(processes, logs, strict=True):
                     assert process.poll() is None, log.read_text()[-3000:]
