@@ -80,6 +80,10 @@ ROLLOUT_SCHEMA: pa.Schema = pa.schema(
 )
 
 
+_COLUMNS = tuple(f.name for f in ROLLOUT_SCHEMA)
+_MAP_COLUMNS = ("reward_components", "timings")
+
+
 class RolloutSchemaError(DecodeError):
     """A rollout record's fields are missing, mistyped, out of range or inconsistent."""
 
@@ -224,13 +228,9 @@ class RolloutRecord:
     def to_row(self) -> dict[str, Any]:
         """The record as a plain dict, one Parquet row."""
         row = {f.name: getattr(self, f.name) for f in fields(self)}
-        row["reward_components"] = list(self.reward_components.items())
-        row["timings"] = list(self.timings.items())
+        for name in _MAP_COLUMNS:  # Arrow maps are lists of (key, value) pairs
+            row[name] = list(row[name].items())
         return row
-
-
-_COLUMNS = tuple(f.name for f in ROLLOUT_SCHEMA)
-_MAP_COLUMNS = ("reward_components", "timings")
 
 
 def _table(records: Iterable[RolloutRecord]) -> pa.Table:
