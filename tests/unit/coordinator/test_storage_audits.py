@@ -27,7 +27,11 @@ G = 4
 
 
 def _submit(
-    world: StorageWorld, worker: Worker, key: str, kinds: tuple[AuditKind, ...] = ()
+    world: StorageWorld,
+    worker: Worker,
+    key: str,
+    kinds: tuple[AuditKind, ...] = (),
+    now: int = T0,
 ) -> Batch:
     lease_id = repo.create_lease(
         world.db,
@@ -52,7 +56,7 @@ def _submit(
         samples=samples,
         audit_kinds=kinds,
     )
-    return batches.record_batch(world.db, draft, T0).batch
+    return batches.record_batch(world.db, draft, now).batch
 
 
 def _claim(world: StorageWorld, who: str, now: int = T0, limit: int = 10) -> list[str]:
@@ -145,7 +149,7 @@ def test_repeated_failures_ban_the_key(storage_world: StorageWorld) -> None:
     world = storage_world
     for n in range(2):
         _submit(world, world.alice, f"key-ban-{n:08d}", (AuditKind.PROOF,))
-    pending = _submit(world, world.alice, "key-ban-pending1")
+    pending = _submit(world, world.alice, "key-ban-pending1", now=T0 + 1)
     outcomes = []
     for job_id in _claim(world, "v1"):
         outcome = audits.finish_audit_job(
@@ -224,6 +228,94 @@ def _refuse(world: StorageWorld, worker: Worker, key: str, reason: str, now: int
         rejection=batches.Rejection(reason, "refused", ban_after=3, ban_window=6),
     )
     return batches.record_batch(world.db, draft, now).banned
+
+
+def _pass_all(world: StorageWorld, now: int) -> int:
+    jobs = _claim(world, "v1", now=now)
+    for job_id in jobs:
+        audits.finish_audit_job(
+            world.db, job_id, "v1", verdict=AuditState.PASSED, detail="ok", metrics={},
+            now_ms=now, max_failed_audits=3,
+        )  # fmt: skip
+    return len(jobs)
+
+
+def test_a_skipped_batch_waits_for_a_later_passed_audit(storage_world: StorageWorld) -> None:
+    """With audits on, a batch the sampler skipped is accepted only once a later batch of
+    its key passed its audits: a key that built a streak and then cheats in every batch
+    keeps none of them (they wait, and the failed audit voids them)."""
+    world = storage_world
+    kinds = (AuditKind.PROOF,)
+    skipped = _submit(world, world.alice, "key-vouch-skip01")
+    later = _submit(world, world.alice, "key-vouch-audit1", kinds, now=T0 + 10)
+    earlier = _submit(world, world.bob, "key-vouch-bob001", kinds)
+    bob_skipped = _submit(world, world.bob, "key-vouch-bob002", now=T0 + 1)
+    close = audits.close_audit_windows
+    assert close(world.db, now_ms=T0 + 200, window_ms=100, audit_kinds=kinds) == []
+    # Alice's later audit is outstanding and may vouch for her skipped batch: no new job.
+    # Bob's audited batch came before his skipped one and cannot: his gets its own.
+    jobs = audits.list_audit_jobs(world.db)
+    assert sorted(j.batch_id for j in jobs) == sorted(
+        [later.batch_id, earlier.batch_id, bob_skipped.batch_id]
+    )
+    assert _pass_all(world, T0 + 201) == 3
+    closed = close(world.db, now_ms=T0 + 202, window_ms=100, audit_kinds=kinds)
+    assert {b.batch_id for b in closed} == {
+        skipped.batch_id, later.batch_id, earlier.batch_id, bob_skipped.batch_id
+    }  # fmt: skip
+    alice = repo.get_worker(world.db, world.alice.worker_id)
+    assert alice is not None and (alice.credit_granted, alice.valid_streak) == (80, 2)
+
+
+def test_a_quiet_key_gets_its_newest_batch_audited(storage_world: StorageWorld) -> None:
+    """A key whose skipped batches have no later audit to vouch for them gets one audit,
+    on its newest pending batch, which settles all of them; none while one is
+    outstanding."""
+    world = storage_world
+    kinds = (AuditKind.PROOF, AuditKind.REWARD)
+    first = _submit(world, world.alice, "key-quiet-000001")
+    newest = _submit(world, world.alice, "key-quiet-000002", now=T0 + 5)
+    close = audits.close_audit_windows
+    assert close(world.db, now_ms=T0 + 100, window_ms=100, audit_kinds=kinds) == []
+    jobs = audits.list_audit_jobs(world.db, worker_id=world.alice.worker_id)
+    assert {(j.batch_id, j.kind) for j in jobs} == {(newest.batch_id, k) for k in kinds}
+    assert close(world.db, now_ms=T0 + 150, window_ms=100, audit_kinds=kinds) == []
+    assert len(audits.list_audit_jobs(world.db, worker_id=world.alice.worker_id)) == 2
+    assert _pass_all(world, T0 + 151) == 2
+    closed = close(world.db, now_ms=T0 + 152, window_ms=100, audit_kinds=kinds)
+    assert {b.batch_id for b in closed} == {first.batch_id, newest.batch_id}
+    # Without audits configured, skipped batches are accepted when their window closes.
+    plain = _submit(world, world.bob, "key-quiet-bob001")
+    closed = close(world.db, now_ms=T0 + 152, window_ms=100)
+    assert [b.batch_id for b in closed] == [plain.batch_id]
+
+
+def test_a_failed_audit_voids_the_skipped_batches_sent_before_it(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    before = [_submit(world, world.alice, f"key-skipped-{n:05d}", now=T0 + n) for n in range(2)]
+    failed = _submit(world, world.alice, "key-skipped-audit", (AuditKind.PROOF,), now=T0 + 5)
+    after = _submit(world, world.alice, "key-skipped-after", now=T0 + 6)
+    [job_id] = _claim(world, "v1", now=T0 + 7)
+    outcome = audits.finish_audit_job(
+        world.db, job_id, "v1", verdict=AuditState.FAILED, detail="bad", metrics={},
+        now_ms=T0 + 7, max_failed_audits=3,
+    )  # fmt: skip
+    assert outcome.batch_voided and not outcome.worker_banned
+    states = {
+        b.batch_id: stored.state
+        for b in (*before, failed, after)
+        if (stored := batches.get_batch(world.db, b.batch_id)) is not None
+    }
+    assert states == {
+        before[0].batch_id: BatchState.VOIDED,
+        before[1].batch_id: BatchState.VOIDED,
+        failed.batch_id: BatchState.VOIDED,
+        after.batch_id: BatchState.PENDING_AUDIT,
+    }
+    worker = repo.get_worker(world.db, world.alice.worker_id)
+    assert worker is not None and (worker.batches_voided, worker.credit_pending) == (3, 40)
 
 
 def test_malformed_batches_ban_the_key_that_signed_them(storage_world: StorageWorld) -> None:

@@ -55,6 +55,7 @@ from coderepair.coordinator.service.worker_service import WorkerServicer
 from coderepair.coordinator.storage import audits, repo
 from coderepair.coordinator.storage.db import Database, SqliteSync
 from coderepair.coordinator.storage.migrate import upgrade_to_head
+from coderepair.coordinator.storage.models import AuditKind
 from coderepair.coordinator.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from coderepair.protocol import rpc
 from coderepair.protocol.errors import ProtocolError
@@ -311,7 +312,13 @@ class Coordinator:
             if state is not None:
                 state.pool.give_back(lease.lease_id)
         window_ms = int(ctx.config.audit.window_s * 1000)
-        await ctx.call(audits.close_audit_windows, ctx.db, now_ms=now, window_ms=window_ms)
+        await ctx.call(
+            audits.close_audit_windows,
+            ctx.db,
+            now_ms=now,
+            window_ms=window_ms,
+            audit_kinds=[AuditKind(k) for k in ctx.config.audit.kinds],
+        )
         await ctx.call(repo.prune_nonces, ctx.db, now)
         await self._resync_pools()
 

@@ -36,13 +36,13 @@ from coderepair.coordinator.storage.models import (
 __all__ = [
     "NetworkStats",
     "RunProgress",
-    "batches_of",
     "collect_stats",
     "lease_states",
     "list_workers",
     "online_cutoff_ms",
     "open_lease_tasks",
     "run_progress",
+    "worker_and_batches",
     "workers_online",
 ]
 
@@ -290,12 +290,25 @@ def lease_states(db: Database, lease_ids: Sequence[str]) -> dict[str, tuple[str,
         }
 
 
-def batches_of(db: Database, batch_ids: Sequence[str]) -> dict[str, Batch]:
-    """batch_id -> batch for the ids that exist."""
-    if not batch_ids:
-        return {}
+def worker_and_batches(
+    db: Database, worker_id: str, batch_ids: Sequence[str]
+) -> tuple[Worker | None, dict[str, Batch]]:
+    """The worker and those of `batch_ids` that are its, read in one transaction.
+
+    A verdict voids a batch and updates (perhaps bans) its worker in one commit; two
+    separate reads could show the batch voided beside the worker from before it. The
+    batches are read first, so even under READ COMMITTED (PostgreSQL's default, where
+    each statement has its own snapshot) the worker is never older than its batches.
+    """
     with db.read() as session:
-        return {
-            b.batch_id: b
-            for b in session.scalars(select(Batch).where(Batch.batch_id.in_(list(batch_ids))))
-        }
+        found = (
+            {
+                b.batch_id: b
+                for b in session.scalars(select(Batch).where(Batch.batch_id.in_(list(batch_ids))))
+            }
+            if batch_ids
+            else {}
+        )
+        worker = session.get(Worker, worker_id)
+        return worker, {b: batch for b, batch in found.items() if batch.worker_id == worker_id}
+

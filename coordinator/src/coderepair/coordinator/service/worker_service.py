@@ -40,7 +40,11 @@ from coderepair.coordinator.service.gate import (
     require_active,
 )
 from coderepair.coordinator.service.scheduler import new_seeds
-from coderepair.coordinator.service.stats import batches_of, lease_states, workers_online
+from coderepair.coordinator.service.stats import (
+    lease_states,
+    worker_and_batches,
+    workers_online,
+)
 from coderepair.coordinator.service.validation import (
     LeaseView,
     check_batch,
@@ -533,14 +537,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             runs=[convert.run_summary(r) for r in await self._runs()],
         )
         if key:
-            worker = await ctx.call(repo.get_worker, ctx.db, fingerprint(key))
+            worker, found = await ctx.call(
+                worker_and_batches, ctx.db, fingerprint(key), list(request.batch_ids)
+            )
             if worker is not None:
                 response.worker.CopyFrom(convert.worker_status(worker))
-                found = await ctx.call(batches_of, ctx.db, list(request.batch_ids))
                 response.batches.extend(
-                    convert.batch_status(found[b])
-                    for b in request.batch_ids
-                    if b in found and found[b].worker_id == worker.worker_id
+                    convert.batch_status(found[b]) for b in request.batch_ids if b in found
                 )
         return response
 

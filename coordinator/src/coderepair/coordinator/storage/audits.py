@@ -9,10 +9,12 @@ runs under BEGIN IMMEDIATE (one writer), which gives the same exclusivity. A cla
 an expiry: a job held by a validator that died is claimable again after it, and a
 verdict from the old holder is then refused (`JobNotClaimedError`).
 
-Reputation (BOINC): a failed audit voids the batch, resets the worker's streak and
-counts against it; `max_failed_audits` failures ban the key. A batch whose audit window
-closed with every audit passed becomes ACCEPTED, its credit moves from pending to
-granted and the worker's streak grows by one. The sampling *rate* (1/streak) is the
+Reputation (BOINC): a failed audit voids the batch (and the key's unaudited batches
+sent before it, still in their window), resets the worker's streak and counts against
+it; `max_failed_audits` failures ban the key. A batch whose audit window closed and that
+a passed audit vouches for (its own, or for a batch the sampler skipped, one of a later
+batch of the same key) becomes ACCEPTED, its credit moves from pending to granted and
+the worker's streak grows by one. The sampling *rate* (1/streak) is the
 validation pipeline's decision, not stored here.
 """
 
@@ -22,8 +24,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from coderepair.coordinator.storage.db import Database, Dialect
 from coderepair.coordinator.storage.errors import JobNotClaimedError, NotFoundError
@@ -41,7 +43,7 @@ from coderepair.coordinator.storage.models import (
     Worker,
     WorkerState,
 )
-from coderepair.coordinator.storage.repo import canonical_json
+from coderepair.coordinator.storage.repo import canonical_json, new_id
 
 __all__ = [
     "STRIKE_REASONS",
@@ -183,8 +185,29 @@ def finish_audit_job(
                 f"{job.kind.value} audit failed: {detail}",
                 now_ms,
             )
+            _void_unvouched(session, job, now_ms)
             banned = _count_failure(session, job.worker_id, max_failed_audits, now_ms)
         return AuditOutcome(job=job, batch_voided=voided, worker_banned=banned)
+
+
+def _void_unvouched(session: Session, job: AuditJob, now_ms: int) -> int:
+    """After a failed audit: void the key's batches the sampler skipped that were sent
+    no later than the failed one and are still in their window. No passed audit vouches
+    for them (`close_audit_windows`), and the key just proved it sends cheating batches;
+    an honest key loses little (credit, rows not yet streamed), a cheater that built a
+    streak loses the batches it sent unaudited."""
+    failed_ms = select(Batch.created_unix_ms).where(Batch.batch_id == job.batch_id)
+    skipped = session.scalars(
+        select(Batch.batch_id).where(
+            Batch.worker_id == job.worker_id,
+            Batch.state == BatchState.PENDING_AUDIT,
+            ~Batch.audit_pending,
+            Batch.created_unix_ms <= failed_ms.scalar_subquery(),
+        )
+    ).all()
+    reason = _FAILED_REASON[job.kind]
+    message = f"sent unaudited before batch {job.batch_id}, whose {job.kind.value} audit failed"
+    return sum(_void(session, batch_id, reason, message, now_ms) for batch_id in skipped)
 
 
 def _lock_worker(session: Session, worker_id: str) -> Worker:
@@ -343,31 +366,47 @@ def unban_worker(db: Database, worker_id: str, now_ms: int) -> Worker:
 
 
 def close_audit_windows(
-    db: Database, *, now_ms: int, window_ms: int, limit: int = 500
+    db: Database,
+    *,
+    now_ms: int,
+    window_ms: int,
+    audit_kinds: Sequence[AuditKind] = (),
+    limit: int = 500,
 ) -> list[Batch]:
-    """Accept batches whose audit window closed with every audit passed: their pending
-    credit is granted and the worker's streak grows by one. Returns the batches.
+    """Accept batches whose audit window closed and that an audit vouches for: their
+    pending credit is granted and the worker's streak grows by one. Returns the batches.
 
-    "Every audit passed" cannot change once true (jobs are created with their batch and
-    a finished job stays finished), so candidates are picked without locks; the state
-    change is a conditional UPDATE after the workers are locked (in id order, so two
-    replicas sweeping at once wait instead of deadlocking), and a batch another sweeper
-    or a ban got first is left alone.
+    A sampled batch is vouched for by its own audits, once every one passed. A batch
+    the sampler skipped is vouched for by a later (or same-time) batch of the same key
+    whose audits all passed. Without that, a key that built a long streak (audit rate
+    1/streak) and then cheated in every batch kept each cheating batch that left its
+    window before the first failed audit; now those wait, and the failed audit voids
+    them (`finish_audit_job`). When a skipped batch's window closed and no audit of the
+    key is outstanding that could vouch for it, `audit_kinds` are queued for the key's
+    newest batch still in its window (one audit vouches for all the older ones), so a
+    key that went quiet is still settled. With no `audit_kinds`, such batches are
+    accepted unvouched (the coordinator runs no audits at all).
+
+    "Vouched" cannot become false while a batch is pending (jobs are created with their
+    batch or here, and a finished job stays finished; a failure voids the batch), so
+    candidates are picked without locks; the state change is a conditional UPDATE after
+    the workers are locked (in id order, so two replicas sweeping at once wait instead
+    of deadlocking), and a batch another sweeper or a ban got first is left alone.
     """
-    unfinished = exists().where(
-        AuditJob.batch_id == Batch.batch_id, AuditJob.state != AuditState.PASSED
-    )
     with db.write() as session:
+        closed = and_(
+            Batch.state == BatchState.PENDING_AUDIT,
+            Batch.created_unix_ms <= now_ms - window_ms,
+        )
+        vouched = _vouched() if audit_kinds else or_(_vouched(), ~Batch.audit_pending)
         candidates = session.execute(
             select(Batch.batch_id, Batch.worker_id)
-            .where(
-                Batch.state == BatchState.PENDING_AUDIT,
-                Batch.created_unix_ms <= now_ms - window_ms,
-                ~unfinished,
-            )
+            .where(closed, vouched)
             .order_by(Batch.created_unix_ms)
             .limit(limit)
         ).all()
+        if audit_kinds:
+            _queue_vouching_audits(session, closed, audit_kinds, now_ms, limit)
         for worker_id in sorted({w for _, w in candidates}):
             _lock_worker(session, worker_id)
         accepted: list[str] = []
@@ -401,6 +440,78 @@ def close_audit_windows(
                 )
             )
         return batches
+
+
+def _all_passed(batch: type[Batch]) -> ColumnElement[bool]:
+    """`batch` was sampled for audit and every one of its audits passed."""
+    return and_(
+        batch.audit_pending,
+        ~exists().where(AuditJob.batch_id == batch.batch_id, AuditJob.state != AuditState.PASSED),
+    )
+
+
+def _vouched() -> ColumnElement[bool]:
+    later = aliased(Batch)
+    return or_(
+        _all_passed(Batch),
+        and_(
+            ~Batch.audit_pending,
+            exists().where(
+                later.worker_id == Batch.worker_id,
+                later.created_unix_ms >= Batch.created_unix_ms,
+                later.state.in_((BatchState.PENDING_AUDIT, BatchState.ACCEPTED)),
+                _all_passed(later),  # type: ignore[arg-type]
+            ),
+        ),
+    )
+
+
+def _queue_vouching_audits(
+    session: Session,
+    closed: ColumnElement[bool],
+    kinds: Sequence[AuditKind],
+    now_ms: int,
+    limit: int,
+) -> None:
+    """Audit the newest pending batch of each key that has a skipped batch past its
+    window, no vouch, and no audit outstanding that could give one."""
+    later = aliased(Batch)
+    outstanding = exists().where(
+        later.worker_id == Batch.worker_id,
+        later.created_unix_ms >= Batch.created_unix_ms,
+        later.state == BatchState.PENDING_AUDIT,
+        later.audit_pending,
+    )
+    stranded = session.scalars(
+        select(Batch.worker_id)
+        .where(closed, ~Batch.audit_pending, ~_vouched(), ~outstanding)
+        .distinct()
+        .limit(limit)
+    ).all()
+    for worker_id in stranded:
+        newest = session.scalar(
+            select(Batch)
+            .where(Batch.worker_id == worker_id, Batch.state == BatchState.PENDING_AUDIT)
+            .order_by(Batch.created_unix_ms.desc(), Batch.batch_id.desc())
+            .limit(1)
+        )
+        if newest is None or newest.audit_pending:
+            continue
+        newest.audit_pending = True
+        for kind in dict.fromkeys(kinds):
+            session.add(
+                AuditJob(
+                    job_id=new_id(),
+                    batch_id=newest.batch_id,
+                    worker_id=worker_id,
+                    kind=kind,
+                    state=AuditState.PENDING,
+                    attempts=0,
+                    detail="",
+                    metrics_json="{}",
+                    created_unix_ms=now_ms,
+                )
+            )
 
 
 def list_audit_jobs(
