@@ -311,4 +311,3 @@ def worker_and_batches(
         )
         worker = session.get(Worker, worker_id)
         return worker, {b: batch for b, batch in found.items() if batch.worker_id == worker_id}
-

@@ -460,7 +460,7 @@ def _vouched() -> ColumnElement[bool]:
                 later.worker_id == Batch.worker_id,
                 later.created_unix_ms >= Batch.created_unix_ms,
                 later.state.in_((BatchState.PENDING_AUDIT, BatchState.ACCEPTED)),
-                _all_passed(later),  # type: ignore[arg-type]
+                _all_passed(later),
             ),
         ),
     )
