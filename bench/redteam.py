@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "adversar
 import redteam_faults as faults
 import redteam_support as rs
 
-FULL = {"cheat_batches": 12, "honest_keys": 4, "honest_batches": 60, "load_workers": 200,
+# 8 honest keys x 375 batches: 3,000 honest batches, enough to bound their false
+# rejection rate under the 0.1 % target with 95 % confidence when none is rejected.
+FULL = {"cheat_batches": 12, "honest_keys": 8, "honest_batches": 375, "load_workers": 200,
         "load_seconds": 600.0, "fault_seconds": 20.0, "streak": 14,
         "streak_cheat_batches": 40}  # fmt: skip
 QUICK = {"cheat_batches": 4, "honest_keys": 2, "honest_batches": 8, "load_workers": 50,
