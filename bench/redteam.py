@@ -51,10 +51,10 @@ import redteam_support as rs
 # rejection rate under the 0.1 % target with 95 % confidence when none is rejected.
 FULL = {"cheat_batches": 12, "honest_keys": 8, "honest_batches": 375, "load_workers": 200,
         "load_seconds": 600.0, "fault_seconds": 20.0, "streak": 14,
-        "streak_cheat_batches": 40}  # fmt: skip
+        "streak_cheat_batches": 100}  # fmt: skip
 QUICK = {"cheat_batches": 4, "honest_keys": 2, "honest_batches": 8, "load_workers": 50,
          "load_seconds": 20.0, "fault_seconds": 10.0, "streak": 12,
-         "streak_cheat_batches": 8}  # fmt: skip
+         "streak_cheat_batches": 30}  # fmt: skip
 # --quick: simulated workers grouped into three processes (each key still its own).
 QUICK_GROUPS = (
     (

@@ -268,15 +268,19 @@ def test_a_skipped_batch_waits_for_a_later_passed_audit(storage_world: StorageWo
 
 
 def test_a_quiet_key_gets_its_newest_batch_audited(storage_world: StorageWorld) -> None:
-    """A key whose skipped batches have no later audit to vouch for them gets one audit,
-    on its newest pending batch, which settles all of them; none while one is
-    outstanding."""
+    """A key whose skipped batches have no later audit to vouch for them, and that sent
+    nothing for a whole window, gets one audit, on its newest pending batch, which
+    settles all of them; none while one is outstanding."""
     world = storage_world
     kinds = (AuditKind.PROOF, AuditKind.REWARD)
     first = _submit(world, world.alice, "key-quiet-000001")
     newest = _submit(world, world.alice, "key-quiet-000002", now=T0 + 5)
     close = audits.close_audit_windows
+    # The first batch's window closed, but the key sent another within the window: it
+    # may still be sampled, so nothing is queued yet.
     assert close(world.db, now_ms=T0 + 100, window_ms=100, audit_kinds=kinds) == []
+    assert audits.list_audit_jobs(world.db, worker_id=world.alice.worker_id) == []
+    assert close(world.db, now_ms=T0 + 105, window_ms=100, audit_kinds=kinds) == []
     jobs = audits.list_audit_jobs(world.db, worker_id=world.alice.worker_id)
     assert {(j.batch_id, j.kind) for j in jobs} == {(newest.batch_id, k) for k in kinds}
     assert close(world.db, now_ms=T0 + 150, window_ms=100, audit_kinds=kinds) == []

@@ -314,8 +314,10 @@ class AuditConfig(_Section):
         default=300.0,
         ge=0,
         le=30 * 24 * 3600,
-        description="Audit window: credit is granted this long after acceptance, once "
-        "every audit of the batch passed.",
+        description="Audit window: credit is granted no sooner than this after acceptance, "
+        "once a passed audit vouches for the batch (its own, or for a batch the sampler "
+        "skipped, one of a later batch of the same key). A key that sent nothing for a "
+        "whole window gets its newest batch audited, so 0 audits every batch.",
     )
     kinds: tuple[Literal["proof", "sampling", "reward"], ...] = Field(
         default=("reward",),

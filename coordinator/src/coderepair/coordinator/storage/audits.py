@@ -382,9 +382,10 @@ def close_audit_windows(
     1/streak) and then cheated in every batch kept each cheating batch that left its
     window before the first failed audit; now those wait, and the failed audit voids
     them (`finish_audit_job`). When a skipped batch's window closed and no audit of the
-    key is outstanding that could vouch for it, `audit_kinds` are queued for the key's
-    newest batch still in its window (one audit vouches for all the older ones), so a
-    key that went quiet is still settled. With no `audit_kinds`, such batches are
+    key is outstanding that could vouch for it, and the key sent nothing for a whole
+    window, `audit_kinds` are queued for its newest batch (one audit vouches for all the
+    older ones), so a key that went quiet is still settled. (With a zero window that
+    audits every batch: the window is also how long a skipped batch may wait.) With no `audit_kinds`, such batches are
     accepted unvouched (the coordinator runs no audits at all).
 
     "Vouched" cannot become false while a batch is pending (jobs are created with their
@@ -406,7 +407,7 @@ def close_audit_windows(
             .limit(limit)
         ).all()
         if audit_kinds:
-            _queue_vouching_audits(session, closed, audit_kinds, now_ms, limit)
+            _queue_vouching_audits(session, closed, audit_kinds, now_ms, window_ms, limit)
         for worker_id in sorted({w for _, w in candidates}):
             _lock_worker(session, worker_id)
         accepted: list[str] = []
@@ -471,10 +472,13 @@ def _queue_vouching_audits(
     closed: ColumnElement[bool],
     kinds: Sequence[AuditKind],
     now_ms: int,
+    window_ms: int,
     limit: int,
 ) -> None:
     """Audit the newest pending batch of each key that has a skipped batch past its
-    window, no vouch, and no audit outstanding that could give one."""
+    window, no vouch, no audit outstanding that could give one, and sent nothing for a
+    whole window (a key still sending will be sampled again, at least at the minimum
+    rate; auditing it now would turn the sampling rate into "every window")."""
     later = aliased(Batch)
     outstanding = exists().where(
         later.worker_id == Batch.worker_id,
@@ -495,7 +499,7 @@ def _queue_vouching_audits(
             .order_by(Batch.created_unix_ms.desc(), Batch.batch_id.desc())
             .limit(1)
         )
-        if newest is None or newest.audit_pending:
+        if newest is None or newest.audit_pending or newest.created_unix_ms > now_ms - window_ms:
             continue
         newest.audit_pending = True
         for kind in dict.fromkeys(kinds):

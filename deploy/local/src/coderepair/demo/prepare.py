@@ -353,8 +353,10 @@ def _write_configs(plan: DemoPlan, trainer_pub: str, trainer_key: Path, dash_por
         "object_store": {"kind": "local", "path": str(run_dir / "objects")},
         # Every batch audited at first (streak < 10): TOPLOC proof and sampling replay on
         # the coordinator's own copy of the policy, the reward re-run in its sandbox.
+        # Then 1/streak: a skipped batch waits up to the window for a later audit to
+        # vouch for it (with a zero window every batch would be audited).
         "audit": {
-            "window_s": 0.0,
+            "window_s": 60.0,
             "kinds": ["proof", "sampling", "reward"],
             "model_threads": 1,
             "sandbox": plan.sandbox,
