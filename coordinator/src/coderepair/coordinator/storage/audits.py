@@ -385,8 +385,8 @@ def close_audit_windows(
     key is outstanding that could vouch for it, and the key sent nothing for a whole
     window, `audit_kinds` are queued for its newest batch (one audit vouches for all the
     older ones), so a key that went quiet is still settled. (With a zero window that
-    audits every batch: the window is also how long a skipped batch may wait.) With no `audit_kinds`, such batches are
-    accepted unvouched (the coordinator runs no audits at all).
+    audits every batch: the window is also how long a skipped batch may wait.) With no
+    `audit_kinds`, such batches are accepted unvouched (the coordinator runs no audits).
 
     "Vouched" cannot become false while a batch is pending (jobs are created with their
     batch or here, and a finished job stays finished; a failure voids the batch), so
@@ -407,7 +407,9 @@ def close_audit_windows(
             .limit(limit)
         ).all()
         if audit_kinds:
-            _queue_vouching_audits(session, closed, audit_kinds, now_ms, window_ms, limit)
+            _queue_vouching_audits(
+                session, closed, kinds=audit_kinds, now_ms=now_ms, window_ms=window_ms, limit=limit
+            )
         for worker_id in sorted({w for _, w in candidates}):
             _lock_worker(session, worker_id)
         accepted: list[str] = []
@@ -470,6 +472,7 @@ def _vouched() -> ColumnElement[bool]:
 def _queue_vouching_audits(
     session: Session,
     closed: ColumnElement[bool],
+    *,
     kinds: Sequence[AuditKind],
     now_ms: int,
     window_ms: int,
