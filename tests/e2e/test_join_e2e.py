@@ -9,7 +9,8 @@ sandbox (Docker or bubblewrap) and the signal handling. The worker runs with
 The tiny model writes no well-formed patch, so every rollout gets the spec's malformed
 reward; what is checked is the network: registration, policy download and swap,
 leases, signed batches accepted and streamed to the trainer exactly once, leaving on
-SIGINT with no lease left open, and surviving a coordinator restart.
+SIGINT with no lease left open, and surviving a coordinator restart. One test runs the
+work loop in this process instead, to hold a release in flight while the drain looks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from coderepair.protocol.identity import Identity
 from coderepair.protocol.manifest import build_manifest_for_dir, sign_manifest
 from coderepair.protocol.task import TaskSet, write_taskset
 from coderepair.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from coderepair.worker.client import CoordinatorClient
 
 TOKENIZER_SHA = "d" * 64
 WORKER_BIN = Path(sys.executable).with_name("coderepair-worker")
@@ -291,7 +293,7 @@ async def test_join_produces_accepted_rollouts_takes_new_policy_and_leaves_on_si
                 await worker.wait_for("batch_accepted", len(worker.of("batch_accepted")) + 1)
             assert await worker.interrupt() == 0, worker.tail()
             assert worker.of("left"), worker.tail()
-        assert _open_leases(coordinator, world["n_tasks"]) == 0
+        assert _open_leases(coordinator, world["n_tasks"]) == 0, worker.tail()
         rows = await trainer.rows()
         _check_exactly_once(worker, rows)
         assert {r.policy_version for r in rows} <= {1, 2}
@@ -378,4 +380,86 @@ async def test_join_refuses_a_coordinator_announcing_another_trainer_key(
         assert errors and "wrong trainer key" in errors[-1]["message"]
         assert trainer_id.public_key_hex in errors[-1]["message"]
     finally:
+        await coordinator.shutdown()
+
+
+class _LoadedMachineClient(CoordinatorClient):
+    """The worker's real client, with the timing of a loaded machine made certain.
+
+    A lease's answer is handed over only once the test has begun the drain, and a
+    release takes 0.5 s before it is sent: the drain then checks its pipeline while a
+    release is in flight, which on an idle machine happens only by chance.
+    """
+
+    def __init__(self, address: str, identity: Identity, drained: asyncio.Event) -> None:
+        super().__init__(address, identity)
+        self.granted = asyncio.Event()
+        self._drained = drained
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        answer = await super().lease(*args, **kwargs)
+        if answer.HasField("lease"):
+            self.granted.set()
+            await self._drained.wait()
+        return answer
+
+    async def release(self, lease_id: str, reason: str) -> bool:
+        await asyncio.sleep(0.5)
+        return await super().release(lease_id, reason)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_drain_waits_for_the_release_in_flight(
+    tmp_path: Path, world: dict[str, Any]
+) -> None:
+    """In process: `WorkLoop` with the real client, a real coordinator and a real sandbox.
+
+    A lease granted as the drain begins is released ungenerated; `run` must not return
+    (and cancel that call) before the coordinator has the tasks back.
+    """
+    from coderepair.worker.engines.hf import HFEngine
+    from coderepair.worker.loop import LoopConfig, PolicyHolder, WorkLoop
+    from coderepair.worker.sandbox import SandboxLimits, select_sandbox
+    from coderepair.worker.view import JsonView, WorkerStats
+    from coderepair.worker.weights import PolicyWeights, WeightsConfig
+
+    trainer_id = Identity.create(tmp_path / "keys" / "trainer.pem")
+    coordinator = Coordinator(_config(tmp_path, world, trainer_id, _free_port()), seed=0)
+    await coordinator.start()
+    trainer = Trainer(coordinator.address, trainer_id, world)
+    drained = asyncio.Event()
+    client = _LoadedMachineClient(
+        coordinator.address, Identity.create(tmp_path / "keys" / "worker.pem"), drained
+    )
+    try:
+        await trainer.publish(1)
+        await client.register("drain-test", "test", common_pb2.WorkerCapabilities(engine="hf"))
+        stats = WorkerStats()
+        view = JsonView(stats, stream=(tmp_path / "events.jsonl").open("w"))
+        engine = HFEngine()
+        weights = PolicyWeights(
+            WeightsConfig(trainer_key=trainer_id.public_key_hex, cache_dir=tmp_path / "weights")
+        )
+        policy = PolicyHolder(client, weights, engine, run_id="r1", view=view, stats=stats)
+        loop = WorkLoop(
+            client=client,
+            engine=engine,
+            sandbox=select_sandbox(SandboxLimits(), pool_size=1),
+            policy=policy,
+            config=LoopConfig(run_id="r1", max_tasks=1, heartbeat_s=60, policy_poll_s=60),
+            stats=stats,
+            view=view,
+        )
+        running = asyncio.create_task(loop.run())
+        await asyncio.wait_for(client.granted.wait(), 30)
+        assert _open_leases(coordinator, world["n_tasks"]) == 1
+        loop.drain()
+        drained.set()
+        await asyncio.wait_for(running, 30)
+        assert _open_leases(coordinator, world["n_tasks"]) == 0
+        assert loop.held_lease_ids == []
+    finally:
+        await client.close()
+        await trainer.close()
         await coordinator.shutdown()

@@ -247,6 +247,8 @@ class WorkLoop:
         self._to_verify: asyncio.Queue[_Work] = asyncio.Queue(maxsize=4)
         self._to_submit: asyncio.Queue[_Work] = asyncio.Queue()
         self._held: dict[str, common_pb2.Lease] = {}
+        # Leases whose release call has not answered yet: still in hand until it does.
+        self._releasing: set[str] = set()
         self._revoked: set[str] = set()
         self._generating: str | None = None
         self._leasing = False
@@ -320,19 +322,27 @@ class WorkLoop:
             and self._to_verify.empty()
             and self._to_submit.empty()
             and not self._held
+            and not self._releasing
         )
 
     async def _release_all(self, reason: str) -> None:
-        for lease_id in list(self._held):
+        # A release that `run` cancelled mid-call is still in `_releasing`: send it again.
+        for lease_id in [*self._held, *sorted(self._releasing - set(self._held))]:
             await self._release(lease_id, reason)
 
     async def _release(self, lease_id: str, reason: str) -> None:
+        # The lease counts as in hand until the coordinator answers: were it dropped
+        # before, the drain would see an empty pipeline, cancel this call mid-flight and
+        # leave the tasks held by no one until the lease's deadline.
         self._held.pop(lease_id, None)
+        self._releasing.add(lease_id)
         try:
             released = await self._client.release(lease_id, reason)
         except CoordinatorError as exc:
+            self._releasing.discard(lease_id)
             log.warning("could not release lease %s (%s): it expires on its own", lease_id, exc)
             return
+        self._releasing.discard(lease_id)
         self._view.event(
             "lease_released",
             f"lease {lease_id} released ({reason})",
