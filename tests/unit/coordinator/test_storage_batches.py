@@ -241,6 +241,39 @@ def test_a_completion_copied_from_another_worker_is_refused(storage_world: Stora
     )
 
 
+def test_a_copied_completion_is_accepted_and_audited_where_the_draft_says_so(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    _submit(world, world.alice, ["t1"], "key-original-002")
+    copied = _samples(["t1"], "y")
+    copied[1] = replace(copied[1], completion_sha256=_samples(["t1"], "k")[1].completion_sha256)
+    on_duplicate = [AuditKind.SAMPLING, AuditKind.PROOF]
+    # Not sampled for audit, and no copy: nothing queued.
+    lease_id = _lease(world, world.bob, ["t1"])
+    clean = replace(
+        _draft(world, world.bob, lease_id, _samples(["t1"], "w"), "key-clean-000001"),
+        duplicate_audit_kinds=on_duplicate,
+    )
+    recorded = batches.record_batch(world.db, clean, T0)
+    assert not recorded.batch.audit_pending
+    assert audits.list_audit_jobs(world.db, batch_id=recorded.batch.batch_id) == []
+    # Sampled for the proof audit, and a copy: the rest of the kinds are queued too.
+    lease_id = _lease(world, world.bob, ["t1"])
+    draft = replace(
+        _draft(world, world.bob, lease_id, copied, "key-copy-000002"),
+        audit_kinds=[AuditKind.PROOF],
+        duplicate_audit_kinds=on_duplicate,
+    )
+    recorded = batches.record_batch(world.db, draft, T0)
+    assert recorded.created and recorded.batch.audit_pending
+    stored = batches.get_batch(world.db, recorded.batch.batch_id)
+    assert stored is not None and stored.audit_pending
+    jobs = audits.list_audit_jobs(world.db, batch_id=recorded.batch.batch_id)
+    assert sorted(j.kind for j in jobs) == [AuditKind.PROOF, AuditKind.SAMPLING]
+    assert batches.head_cursor(world.db, "r1") == 3 * G
+
+
 def test_accepted_drafts_are_checked(storage_world: StorageWorld) -> None:
     world = storage_world
     lease_id = _lease(world, world.alice, ["t1"])

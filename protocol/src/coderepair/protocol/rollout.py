@@ -225,12 +225,35 @@ class RolloutRecord:
         _check_float_map("timings", self.timings, non_negative=True)
         _check_int("created_at_ms", self.created_at_ms, 0, _MAX_I64)
 
+    @classmethod
+    def prechecked(cls, **values: Any) -> RolloutRecord:
+        """A record built without `__post_init__`'s checks, by a caller that has made
+        every one of them itself; anyone else uses the constructor.
+
+        The coordinator's `check_batch` is that caller: it builds every record it
+        ingests from fields it checked against the lease (seeds, prompt, version), the
+        run (spec hash) and the signature (key), and checks the worker's own fields
+        (token ids, logprobs, reward, hashes) in C-speed loops. Checking them all again
+        here cost as much as the rest of its validation. Every field must be given.
+        """
+        if values.keys() != _FIELD_NAMES:
+            missing = sorted(_FIELD_NAMES - values.keys())
+            extra = sorted(values.keys() - _FIELD_NAMES)
+            raise RolloutSchemaError(f"prechecked record: missing {missing}, unknown {extra}")
+        record = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(record, name, value)
+        return record
+
     def to_row(self) -> dict[str, Any]:
         """The record as a plain dict, one Parquet row."""
         row = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in _MAP_COLUMNS:  # Arrow maps are lists of (key, value) pairs
             row[name] = list(row[name].items())
         return row
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(RolloutRecord))
 
 
 def _table(records: Iterable[RolloutRecord]) -> pa.Table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from dataclasses import fields
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from coderepair.coordinator.storage.models import AuditKind, Lease, LeaseState
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
 from coderepair.protocol.reward import RewardSpec
+from coderepair.protocol.rollout import RolloutRecord, RolloutSchemaError
 from coderepair.v1 import common_pb2, worker_pb2
 
 SPEC = RewardSpec()
@@ -105,6 +107,8 @@ def test_a_valid_batch_becomes_records() -> None:
         (lambda p: setattr(p.samples[0], "proof", b"123"), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "test_log_sha256", "nope"), "STRUCTURAL"),
         (lambda p: p.samples[0].completion_token_ids.extend(range(9)), "STRUCTURAL"),
+        (lambda p: p.samples[0].completion_token_ids.__setitem__(0, 1 << 31), "STRUCTURAL"),
+        (lambda p: p.samples[0].reward_components.update({"": 0.0}), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "finish_reason", 0), "STRUCTURAL"),
         (lambda p: setattr(p, "policy_version", 4), "STALE_POLICY"),
     ],
@@ -129,6 +133,72 @@ def test_random_and_truncated_payloads_are_records_or_refusals(noise: bytes, cut
             continue
         with contextlib.suppress(Refusal):
             _check(payload)
+
+
+def _full_check(record: RolloutRecord) -> None:
+    """Run the constructor's own checks on a record `check_batch` built without them."""
+    RolloutRecord(**{f.name: getattr(record, f.name) for f in fields(RolloutRecord)})
+
+
+_IDS = st.lists(st.integers(min_value=0, max_value=(1 << 32) - 1), min_size=0, max_size=10)
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+
+
+def _set_components(sample: common_pb2.RolloutSample, components: dict[str, float]) -> None:
+    sample.reward_components.clear()
+    sample.reward_components.update(components)
+    # The reward a worker would report for them, so that this check does not hide others.
+    total = math.fsum(components.values()) if components else 0.0
+    if math.isfinite(total):
+        sample.reward = min(SPEC.pass_reward, max(SPEC.malformed_reward, total))
+
+
+# One field a worker controls, set to anything its wire type allows; the rest stay valid.
+_MUTATIONS = st.one_of(
+    _IDS.map(lambda v: lambda s: s.completion_token_ids.__setitem__(slice(None), v)),
+    st.lists(_FLOATS, max_size=10).map(
+        lambda v: lambda s: s.behaviour_logprobs.__setitem__(slice(None), v)
+    ),
+    _FLOATS.map(lambda v: lambda s: setattr(s, "reward", v)),
+    st.dictionaries(st.text(max_size=3), _FLOATS, max_size=3).map(
+        lambda v: lambda s: _set_components(s, v)
+    ),
+    st.one_of(st.text(max_size=70), st.text("0123456789abcdef", min_size=64, max_size=64)).map(
+        lambda v: lambda s: setattr(s, "test_log_sha256", v)
+    ),
+    st.text(max_size=20).map(lambda v: lambda s: setattr(s, "completion_text", v)),
+    st.text(max_size=20).map(lambda v: lambda s: setattr(s, "patch", v)),
+    st.binary(max_size=200).map(lambda v: lambda s: setattr(s, "proof", v)),
+    st.integers(0, (1 << 32) - 1).map(lambda v: lambda s: setattr(s.timings, "generate_ms", v)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_MUTATIONS, min_size=1, max_size=3))
+def test_records_built_without_their_own_checks_would_pass_them(mutations: list[object]) -> None:
+    """`check_batch` builds records with `RolloutRecord.prechecked`: whatever a worker
+    puts in the fields it controls, the batch is refused or every record it yields
+    passes the checks the constructor would have made."""
+    payload = _payload()
+    for mutate in mutations:
+        mutate(payload.samples[0])  # type: ignore[operator]
+    try:
+        records = _check(payload)
+    except Refusal:
+        return
+    for record in records:
+        _full_check(record)  # type: ignore[arg-type]
+
+
+def test_prechecked_records_need_every_field() -> None:
+    record = _check(_payload())[0]
+    values = {f.name: getattr(record, f.name) for f in fields(RolloutRecord)}
+    _full_check(RolloutRecord.prechecked(**values))
+    del values["proof"]
+    with pytest.raises(RolloutSchemaError, match="missing \\['proof'\\]"):
+        RolloutRecord.prechecked(**values)
+    with pytest.raises(RolloutSchemaError, match="unknown \\['extra'\\]"):
+        RolloutRecord.prechecked(**values, proof=b"", extra=1)
 
 
 def test_policy_window() -> None:

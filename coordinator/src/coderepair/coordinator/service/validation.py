@@ -47,6 +47,9 @@ _TOKENS_PER_CHUNK = 32
 # The worker sums a map whose order protobuf does not keep: allow last-ulp differences.
 _REWARD_TOLERANCE = 1e-9
 _LOGPROB_SLACK = 1e-3
+MAX_TOKEN_ID = (1 << 31) - 1
+"""The largest id a rollout record holds (its Parquet column is int32)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,9 @@ def check_policy_window(version: int, latest: int, max_lag: int) -> None:
 
 
 def _check_sample(
-    sample: common_pb2.RolloutSample, seeds: Sequence[int], prompt: Sequence[int], max_new: int
+    sample: common_pb2.RolloutSample, seeds: Sequence[int], prompt: list[int], max_new: int
 ) -> None:
+    # `prompt` is a list: a protobuf repeated field compares equal to a list, not a tuple.
     task_id, index = sample.task_id, sample.sample_index
 
     def fail(message: str) -> Refusal:
@@ -135,11 +139,15 @@ def _check_sample(
 
     if sample.seed != seeds[index]:
         raise fail("seed differs from the lease's: use seeds[sample_index] of the lease")
-    if list(sample.prompt_token_ids) != list(prompt):
+    if sample.prompt_token_ids != prompt:
         raise fail("prompt_token_ids differ from the lease's: feed the engine the lease's ids")
     n = len(sample.completion_token_ids)
     if not 1 <= n <= max_new:
         raise fail(f"has {n} completion tokens; the lease allows 1 to {max_new}")
+    if max(sample.completion_token_ids) > MAX_TOKEN_ID:
+        raise fail(f"completion_token_ids hold an id above {MAX_TOKEN_ID}: not a token id")
+    if not _HEX64.fullmatch(sample.test_log_sha256):
+        raise fail("test_log_sha256 must be 64 lowercase hex digits (the log's sha256)")
     if len(sample.behaviour_logprobs) != n:
         raise fail(
             f"has {len(sample.behaviour_logprobs)} behaviour logprobs for {n} tokens: one each"
@@ -165,10 +173,14 @@ def _check_sample(
 def _check_reward(sample: common_pb2.RolloutSample, spec: RewardSpec) -> None:
     task_id, index = sample.task_id, sample.sample_index
     components = dict(sample.reward_components)
-    if len(components) > MAX_COMPONENTS or not all(math.isfinite(v) for v in components.values()):
+    if (
+        len(components) > MAX_COMPONENTS
+        or not all(map(math.isfinite, components.values()))
+        or "" in components
+    ):
         raise _structural(
             f"task {task_id} sample {index}: reward_components must be at most "
-            f"{MAX_COMPONENTS} finite numbers",
+            f"{MAX_COMPONENTS} finite numbers under non-empty names",
             task_id=task_id,
             index=index,
         )
@@ -219,6 +231,8 @@ def check_batch(
             f"the batch has {len(payload.samples)} samples; lease {lease.lease_id} has "
             f"{len(seeds)} task(s) x group size {group_size} = {expected}"
         )
+    # One list per task, shared by its G records: compared to each sample's ids as is.
+    prompts = {task_id: list(view.prompts[task_id]) for task_id in seeds}
     seen: set[tuple[str, int]] = set()
     records = []
     for sample in payload.samples:
@@ -236,12 +250,13 @@ def check_batch(
                 index=index,
             )
         seen.add((task_id, index))
-        _check_sample(sample, seeds[task_id], view.prompts[task_id], max_new_tokens)
+        _check_sample(sample, seeds[task_id], prompts[task_id], max_new_tokens)
         _check_reward(sample, reward_spec)
         timings = sample.timings
         try:
+            # Every field checked above, or the lease's, the run's or the signer's.
             records.append(
-                RolloutRecord(
+                RolloutRecord.prechecked(
                     task_id=task_id,
                     lease_id=lease.lease_id,
                     run_id=run_id,
@@ -249,7 +264,7 @@ def check_batch(
                     policy_version=int(payload.policy_version),
                     sample_index=int(index),
                     seed=int(sample.seed),
-                    prompt_ids=list(sample.prompt_token_ids),
+                    prompt_ids=prompts[task_id],
                     completion_ids=list(sample.completion_token_ids),
                     behaviour_logprobs=list(sample.behaviour_logprobs),  # doubles: floats
                     completion_text=sample.completion_text,

@@ -455,21 +455,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         await asyncio.to_thread(ctx.objects.put, key, data)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
         digests = [batches.completion_digest(r.task_id, r.completion_ids) for r in records]
-        kinds = [AuditKind(k) for k in ctx.config.audit.kinds] if audit else []
-        refuse_duplicates = True
-        copies: list[batches.DuplicateMatch] = []
-        if AuditKind.SAMPLING.value in ctx.config.audit.kinds:
-            copies = await ctx.call(
-                batches.find_duplicate_completions, ctx.db, digests, worker.worker_id
-            )
-        if copies:
-            # A completion another worker already had accepted is what a copier sends,
-            # but also what honest workers write once the policy is confident (a learned
-            # fix). Refusing it would punish the best samples; replaying this lease's
-            # seeds tells the two apart: a copy made under other seeds does not reproduce
-            # unless the policy is that certain, and then nothing was gained by copying.
-            kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
-            refuse_duplicates = False
+        kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
+        # A completion another worker already had accepted is what a copier sends, but
+        # also what honest workers write once the policy is confident (a learned fix).
+        # Refusing it would punish the best samples; replaying this lease's seeds tells
+        # the two apart: a copy made under other seeds does not reproduce unless the
+        # policy is that certain, and then nothing was gained by copying. Without the
+        # sampling replay there is no such test, and a duplicate is refused.
+        on_duplicate = kinds if AuditKind.SAMPLING in kinds else None
         accepted = batches.BatchDraft(
             worker_id=draft.worker_id,
             idempotency_key=draft.idempotency_key,
@@ -489,8 +482,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
                 for i, r in enumerate(records)
             ],
-            audit_kinds=kinds,
-            refuse_duplicates=refuse_duplicates,
+            audit_kinds=kinds if audit else [],
+            duplicate_audit_kinds=on_duplicate,
         )
         try:
             recorded = await self._record(accepted)

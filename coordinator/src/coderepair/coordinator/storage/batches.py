@@ -23,7 +23,9 @@ which row-locks the run until commit, and numbers its n rows head-n+1 .. head. H
 SQLite has one writer at a time (BEGIN IMMEDIATE), which gives the same guarantees.
 
 Duplicate completions are checked inside the same transaction after the run lock, so
-two workers submitting the same completion to one run at once cannot both pass.
+two workers submitting the same completion to one run at once cannot both pass: the
+later one is refused or, where the draft says so (`BatchDraft.duplicate_audit_kinds`),
+accepted with audits queued. One query, in the write: no read ahead of it per batch.
 
 Group commit. A commit costs an fsync (milliseconds), and SQLite has a single writer:
 one transaction per submission caps ingest at a few hundred batches/s and makes
@@ -158,8 +160,11 @@ class BatchDraft:
     audit_kinds: Sequence[AuditKind] = ()
     """Audits to queue (empty: not sampled for audit)."""
     rejection: Rejection | None = None
-    refuse_duplicates: bool = True
-    """Refuse samples whose completion another worker already had accepted."""
+    duplicate_audit_kinds: Sequence[AuditKind] | None = None
+    """What to do with a batch holding a completion another worker already had accepted:
+    None refuses it (`DuplicateCompletionError`); a sequence accepts it and queues these
+    audits (with `audit_kinds`), so that a replay of the lease's seeds tells a copy
+    from a policy that has learnt one answer."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,19 @@ _SET_CURSORS = (
     update(_batches)
     .where(_batches.c.batch_id == bindparam("b_batch_id"))
     .values(first_cursor=bindparam("first"), last_cursor=bindparam("last"))
+)
+_MARK_AUDITED = (
+    update(_batches)
+    .where(_batches.c.batch_id == bindparam("b_batch_id"))
+    .values(audit_pending=True)
+)
+# One statement for the three rows (three `Session.get`s cost three round trips).
+_SUBMISSION_VIEW = (
+    select(Worker, Lease, Run)
+    .select_from(Worker)
+    .outerjoin(Lease, Lease.lease_id == bindparam("lease_id"))
+    .outerjoin(Run, Run.run_id == Lease.run_id)
+    .where(Worker.worker_id == bindparam("worker_id"))
 )
 _COUNT_REJECTED = (
     update(_workers)
@@ -381,28 +399,9 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
     # Everything that does not need cursors comes first: the run lock below is held
     # until commit, and every acceptor of the run waits for it.
     connection.execute(_INSERT_BATCH, values)
-    if draft.audit_kinds:
-        connection.execute(
-            _INSERT_JOBS,
-            [
-                {
-                    "job_id": new_id(),
-                    "batch_id": batch_id,
-                    "worker_id": draft.worker_id,
-                    "kind": kind,
-                    "state": AuditState.PENDING,
-                    "attempts": 0,
-                    "detail": "",
-                    "metrics_json": "{}",
-                    "created_unix_ms": now_ms,
-                    "claimed_by": None,
-                    "claimed_unix_ms": None,
-                    "claim_expires_unix_ms": None,
-                    "finished_unix_ms": None,
-                }
-                for kind in dict.fromkeys(draft.audit_kinds)
-            ],
-        )
+    kinds = list(dict.fromkeys(draft.audit_kinds))
+    if kinds:
+        connection.execute(_INSERT_JOBS, _job_rows(batch_id, draft.worker_id, kinds, now_ms))
     connection.execute(_CREDIT_PENDING, {"b_worker_id": draft.worker_id, "n_tokens": n_tokens})
     connection.execute(
         _INSERT_CREDIT,
@@ -417,10 +416,22 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
     )
     head = connection.execute(_TAKE_CURSORS, {"b_run_id": draft.run_id, "n": n}).scalar_one()
     first = head - n + 1
-    if draft.refuse_duplicates:
-        matches = _duplicates(connection, [s.completion_sha256 for s in samples], draft.worker_id)
-        if matches:
+    # After the run lock: two acceptors of one completion cannot both miss each other.
+    matches = _duplicates(connection, [s.completion_sha256 for s in samples], draft.worker_id)
+    if matches:
+        if draft.duplicate_audit_kinds is None:
             raise DuplicateCompletionError(matches)
+        extra = [k for k in dict.fromkeys(draft.duplicate_audit_kinds) if k not in kinds]
+        if extra:
+            connection.execute(_INSERT_JOBS, _job_rows(batch_id, draft.worker_id, extra, now_ms))
+            connection.execute(_MARK_AUDITED, {"b_batch_id": batch_id})
+            values["audit_pending"] = True
+            log.info(
+                "batch %s repeats %d completion(s) other workers had accepted: audited (%s)",
+                batch_id,
+                len(matches),
+                ", ".join(k.value for k in extra),
+            )
     connection.execute(
         _INSERT_ROLLOUTS,
         [
@@ -445,6 +456,29 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
     connection.execute(_SET_CURSORS, {"b_batch_id": batch_id, "first": first, "last": head})
     values.update(first_cursor=first, last_cursor=head)
     return Batch(**values)
+
+
+def _job_rows(
+    batch_id: str, worker_id: str, kinds: Sequence[AuditKind], now_ms: int
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_id": new_id(),
+            "batch_id": batch_id,
+            "worker_id": worker_id,
+            "kind": kind,
+            "state": AuditState.PENDING,
+            "attempts": 0,
+            "detail": "",
+            "metrics_json": "{}",
+            "created_unix_ms": now_ms,
+            "claimed_by": None,
+            "claimed_unix_ms": None,
+            "claim_expires_unix_ms": None,
+            "finished_unix_ms": None,
+        }
+        for kind in kinds
+    ]
 
 
 def _group_order(samples: Sequence[SampleIndex]) -> list[SampleIndex]:
@@ -633,10 +667,12 @@ def submission_view(db: Database, worker_id: str, lease_id: str | None) -> Submi
     transactions and thread hops per batch). `record_batch` re-checks what matters
     under its locks."""
     with db.read() as session:
-        worker = session.get(Worker, worker_id)
-        lease = session.get(Lease, lease_id) if lease_id else None
-        run = session.get(Run, lease.run_id) if lease is not None else None
-        return SubmissionView(worker, lease, run)
+        row = session.execute(
+            _SUBMISSION_VIEW, {"worker_id": worker_id, "lease_id": lease_id}
+        ).first()
+        if row is None:
+            return SubmissionView(None, None, None)
+        return SubmissionView(row[0], row[1], row[2])
 
 
 def get_batch(db: Database, batch_id: str) -> Batch | None:
