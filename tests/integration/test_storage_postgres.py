@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.batches import BatchDraft, SampleIndex
@@ -280,3 +281,50 @@ def test_conditional_updates_decide_on_postgresql(world: World) -> None:
             now_ms=T0 + 2, max_failed_audits=1,
         )  # fmt: skip
     assert batches.read_stream(world.db, "r1", 0, 100) == []
+
+
+def test_a_group_commit_that_loses_a_deadlock_is_retried_whole(world: World) -> None:
+    """Another transaction (a sweep) holds worker B and waits for worker A, which the
+    group's first operation holds, while its second waits for B. PostgreSQL fails the
+    group (the other side waits longer before it looks for deadlocks); the group rolls
+    back, which lets the other transaction finish, and then commits on its retry."""
+    a, b = world.workers[0].worker_id, world.workers[1].worker_id
+    lock = select(Worker.worker_id).where(Worker.worker_id == bindparam("w")).with_for_update()
+    a_held, b_held, other_done = threading.Event(), threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def other() -> None:
+        with world.db.write() as session:
+            session.execute(text("SET LOCAL deadlock_timeout = '20s'"))
+            session.execute(lock, {"w": b})
+            b_held.set()
+            assert a_held.wait(30)
+            session.execute(lock, {"w": a})  # waits for the group's first operation
+        other_done.set()
+
+    def first(session: Session) -> str:
+        runs.append("first")
+        session.execute(lock, {"w": a})
+        a_held.set()
+        time.sleep(0.5)  # the other transaction is waiting for `a` by now
+        return "first"
+
+    def second(session: Session) -> str:
+        runs.append("second")
+        session.execute(lock, {"w": b})
+        return "second"
+
+    committer = batches.GroupCommitter(world.db)
+    release = threading.Event()
+    blocker = committer.submit(lambda session: release.wait(30))
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert b_held.wait(30)
+    futures = [committer.submit(first), committer.submit(second)]  # one group, after blocker
+    release.set()
+    assert blocker.result(30) is True
+    assert [f.result(60) for f in futures] == ["first", "second"]
+    thread.join(60)
+    assert other_done.is_set()
+    assert runs.count("first") >= 2  # the group ran again after the deadlock
+    assert batches.is_transient(ValueError()) is False

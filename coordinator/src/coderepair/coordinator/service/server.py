@@ -52,7 +52,7 @@ from coderepair.coordinator.service.scheduler import PromptEncoder, SchedulerErr
 from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.service.trainer_service import TrainerServicer
 from coderepair.coordinator.service.worker_service import WorkerServicer
-from coderepair.coordinator.storage import audits, repo
+from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.db import Database, SqliteSync
 from coderepair.coordinator.storage.migrate import upgrade_to_head
 from coderepair.coordinator.storage.models import AuditKind
@@ -327,8 +327,13 @@ class Coordinator:
         while not self._stop.is_set():
             try:
                 await self.sweep_once()
-            except Exception:
-                log.exception("sweep failed; retrying at the next interval")
+            except Exception as exc:
+                if batches.is_transient(exc):
+                    # A lock conflict with submissions: nothing was written, and the
+                    # next sweep does the same work.
+                    log.warning("sweep gave way to a lock conflict (%s)", str(exc).splitlines()[0])
+                else:
+                    log.exception("sweep failed; retrying at the next interval")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=interval)
 

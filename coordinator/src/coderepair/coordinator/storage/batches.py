@@ -42,14 +42,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits
@@ -97,6 +100,7 @@ __all__ = [
     "find_duplicate_completions",
     "get_batch",
     "head_cursor",
+    "is_transient",
     "read_stream",
     "record_batch",
     "record_in",
@@ -544,6 +548,29 @@ def remember_nonce_in(
     return bool(refreshed.rowcount == 1)  # type: ignore[attr-defined]
 
 
+_TRANSIENT_RETRIES = 5
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock victim, serialization
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lock conflict the database settled by failing this transaction.
+
+    A group holds the worker rows of all its operations, taken in queue order, while a
+    sweep locks the workers it settles in id order: PostgreSQL can find the two in a
+    cycle and fail one (measured: the audit-on bench phase died on it). Retrying an
+    operation inside the same transaction would meet the same cycle, since the group
+    still holds the other rows; rolling the group back releases them, and its retry
+    succeeds once the other transaction is through. SQLite's "database is locked" (a
+    writer that waited out its busy timeout) is the same kind of failure.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig)
+
+
 @dataclass
 class _Op(Generic[_T]):
     run: Callable[[Session], _T]
@@ -611,21 +638,29 @@ class GroupCommitter:
         group = [op for op in group if op.future.set_running_or_notify_cancel()]
         if not group:
             return
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            with self._db.write() as session:
+        for attempt in range(_TRANSIENT_RETRIES + 1):
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                with self._db.write() as session:
+                    for op in group:
+                        try:
+                            with session.begin_nested():
+                                outcomes.append((True, op.run(session)))
+                        except Exception as exc:  # rolled back to its savepoint only
+                            if is_transient(exc):
+                                raise  # the whole group again: see `is_transient`
+                            outcomes.append((False, exc))
+            except Exception as exc:
+                # Nothing of the group was written.
+                if is_transient(exc) and attempt < _TRANSIENT_RETRIES:
+                    log.info("group commit of %d operations retried: %s", len(group), exc)
+                    time.sleep(0.01 * 2**attempt)
+                    continue
+                log.warning("group commit of %d operations failed: %s", len(group), exc)
                 for op in group:
-                    try:
-                        with session.begin_nested():
-                            outcomes.append((True, op.run(session)))
-                    except Exception as exc:  # rolled back to its savepoint only
-                        outcomes.append((False, exc))
-        except Exception as exc:
-            # The commit itself failed: nothing of the group was written.
-            log.warning("group commit of %d operations failed: %s", len(group), exc)
-            for op in group:
-                op.future.set_exception(exc)
-            return
+                    op.future.set_exception(exc)
+                return
+            break
         for op, (ok, value) in zip(group, outcomes, strict=True):
             if ok:
                 op.future.set_result(value)
