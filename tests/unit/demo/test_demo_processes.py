@@ -62,8 +62,14 @@ async def test_stop_escalates_to_kill_and_is_idempotent(tmp_path: Path) -> None:
 
 
 async def test_sigint_lets_a_child_leave_cleanly(tmp_path: Path) -> None:
+    # The child starts with SIGINT unblocked and handled: a child inherits the signal
+    # mask and an ignored SIGINT of the process that spawns it, and in the full suite
+    # this test once ran after something had left the pytest process so (the child
+    # printed 'ready' and never saw the signal); `coderepair demo` spawns from its own.
     polite = (
-        "import time\n"
+        "import signal, time\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "try:\n    print('ready', flush=True); time.sleep(120)\n"
         "except KeyboardInterrupt:\n    print('bye')\n"
     )
