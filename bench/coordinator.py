@@ -33,7 +33,8 @@ PostgreSQL is a private server started from the machine's binaries (`initdb`,
 `pg_ctl`, as the `postgres` user when run as root) with its durable defaults (fsync,
 synchronous_commit on); SQLite runs in WAL mode with synchronous=FULL (the default).
 
-Run: .venv/bin/python bench/coordinator.py [--quick] [--profile DIR]
+Run: .venv/bin/python bench/coordinator.py [--quick] [--replicas N] [--profile DIR]
+(--replicas N: N coordinator processes on one database, sharing the port.)
 The last line of stdout is one JSON object with every figure.
 """
 
@@ -322,6 +323,42 @@ class Server:
         self._process.join(30)
 
 
+class Replicas:
+    """`n` coordinators on one database sharing one port (`server.reuse_port`): the
+    kernel spreads the workers' connections across them, and each replica's event loop
+    has a core of its own; a worker's lease and its submit travel over its one channel,
+    so they reach the same replica. One replica is a plain coordinator."""
+
+    def __init__(self, overrides: dict[str, Any], n: int, profile: str | None) -> None:
+        def with_server(**server: Any) -> dict[str, Any]:
+            return {**overrides, "server": {**overrides["server"], **server}}
+
+        first = Server(with_server(reuse_port=n > 1), profile)
+        self._servers = [first]
+        try:
+            for _ in range(n - 1):
+                self._servers.append(
+                    Server(with_server(reuse_port=True, listen=first.address), None)
+                )
+        except BaseException:
+            self.stop()
+            raise
+        self.address = first.address
+
+    @property
+    def pid(self) -> int | None:
+        return self._servers[0].pid
+
+    def command(self, what: str) -> Any:
+        answers = [server.command(what) for server in self._servers]
+        # CPU time of all replicas together: the deployment's cost per batch.
+        return sum(answers) if what == "cpu" else answers[0]
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop()
+
+
 # ---------------------------------------------------------------- client processes
 
 
@@ -514,7 +551,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_phase(
-    server: Server,
+    server: Replicas,
     key_paths: list[Path],
     n_workers: int,
     n_batches: int,
@@ -655,13 +692,16 @@ def bench_database(  # noqa: PLR0917
     batches: dict[int | str, int],
     profile_dir: Path | None,
     only_ingest: bool = False,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """Audits off: the most each worker count gets ingested (back to back), then the
     latency at the target load (paced); audits on: 200 paced workers, then the drain."""
     out: dict[str, Any] = {"phases": [], "paced": []}
     url = url_factory()
     prof = str(profile_dir / f"{label}.prof") if profile_dir else None
-    server = Server(coordinator_overrides(root / f"{label}-off", assets, keys, url, False), prof)
+    server = Replicas(
+        coordinator_overrides(root / f"{label}-off", assets, keys, url, False), replicas, prof
+    )
     try:
         publish_policy(server.address, keys, assets["shards"])
         registered = 0
@@ -686,7 +726,9 @@ def bench_database(  # noqa: PLR0917
     if only_ingest:
         return out
     url = url_factory()
-    server = Server(coordinator_overrides(root / f"{label}-on", assets, keys, url, True), None)
+    server = Replicas(
+        coordinator_overrides(root / f"{label}-on", assets, keys, url, True), replicas, None
+    )
     try:
         publish_policy(server.address, keys, assets["shards"])
         n = WORKER_COUNTS[-1]
@@ -740,7 +782,15 @@ def main() -> None:
     parser.add_argument(
         "--only-ingest", action="store_true", help="leave out the audit-on phase (profiling)"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="coordinator processes on one database sharing one port (default 1)",
+    )
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error(f"--replicas must be at least 1, got {args.replicas}")
     batches = QUICK_BATCHES if args.quick else BATCHES
     t0 = time.time()
     root = Path(tempfile.mkdtemp(prefix="bench-coordinator-"))
@@ -762,13 +812,21 @@ def main() -> None:
                 databases.append(("postgresql", postgres.create_database))
         for label, factory in databases:
             results[label] = bench_database(
-                label, factory, root, assets, keys, batches, args.profile, args.only_ingest
+                label,
+                factory,
+                root,
+                assets,
+                keys,
+                batches,
+                args.profile,
+                args.only_ingest,
+                args.replicas,
             )
     finally:
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print_report(results, G, time.time() - t0)
+    print_report(results, G, time.time() - t0, args.replicas)
 
 
 def _cells(p: dict[str, Any]) -> str:
@@ -778,12 +836,12 @@ def _cells(p: dict[str, Any]) -> str:
     )
 
 
-def print_report(results: dict[str, Any], group: int, total_s: float) -> None:
+def print_report(results: dict[str, Any], group: int, total_s: float, replicas: int = 1) -> None:
     labels = list(results)
     print(
         f"\nCoordinator ingest: {group} rollouts/batch, {COMPLETION_TOKENS} completion "
-        "tokens, one SubmitRollouts per batch, every batch accepted and committed before "
-        "its answer"
+        f"tokens, one SubmitRollouts per batch, every batch accepted and committed before "
+        f"its answer; {replicas} coordinator replica(s) sharing the port"
     )
     header = f"{'workers':>22}" + "".join(
         f" | {label[:10] + ' r/s':>14} {'p50 ms':>9} {'p99 ms':>9} {'r/cpu-s':>10}"
@@ -821,6 +879,7 @@ def print_report(results: dict[str, Any], group: int, total_s: float) -> None:
     print(f"\ntotal bench time {total_s:.0f} s")
     summary = {
         "group_size": group,
+        "replicas": replicas,
         "completion_tokens": COMPLETION_TOKENS,
         "target_rollouts_per_s": TARGET_ROLLOUTS,
         "total_s": round(total_s, 1),

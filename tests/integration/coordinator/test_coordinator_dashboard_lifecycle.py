@@ -62,3 +62,32 @@ async def test_a_taken_dashboard_port_is_a_startup_error(
     free = config.model_copy(update={"dashboard": config.dashboard.model_copy(update={"port": 0})})
     async with Coordinator(free, seed=0) as again:
         assert again.dashboard is not None
+
+
+async def test_a_taken_grpc_port_is_a_startup_error_unless_replicas_share_it(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    """gRPC sets SO_REUSEPORT by default: without `server.reuse_port` off, a second
+    coordinator on a taken port bound it and silently took half the first one's clients."""
+    config = make_config(tmp_path, assets, keys)
+    async with Coordinator(config, seed=0) as first:
+        listen = f"127.0.0.1:{first.port}"
+        second = Coordinator(
+            config.model_copy(
+                update={"server": config.server.model_copy(update={"listen": listen})}
+            ),
+            seed=1,
+        )
+        with pytest.raises(StartupError, match=f"cannot listen on {listen}"):
+            await second.start()
+    # Replicas of one deployment that each ask for it share the port.
+    sharing = config.model_copy(
+        update={"server": config.server.model_copy(update={"reuse_port": True})}
+    )
+    async with Coordinator(sharing, seed=0) as one:
+        shared = f"127.0.0.1:{one.port}"
+        replica = sharing.model_copy(
+            update={"server": sharing.server.model_copy(update={"listen": shared})}
+        )
+        async with Coordinator(replica, seed=1) as two:
+            assert two.port == one.port

@@ -67,6 +67,14 @@ class ServerConfig(_Section):
         description="host:port the gRPC server binds; 0.0.0.0:PORT (or [::]:PORT) to serve "
         "other machines; port 0 picks a free port (tests).",
     )
+    reuse_port: bool = Field(
+        default=False,
+        description="Let several replicas on one host bind the same listen port "
+        "(SO_REUSEPORT): the kernel spreads incoming connections across them, so each "
+        "replica's event loop gets its own core. Only for replicas of one deployment (one "
+        "database); off by default, so a coordinator started on a port another process "
+        "holds fails at start instead of silently sharing its clients.",
+    )
     max_message_bytes: int = Field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
         ge=64 * 1024,

@@ -254,7 +254,12 @@ class Coordinator:
         # gRPC's own limit is twice the configured one, so every request up to it gets
         # a typed TOO_LARGE refusal from the handler (with the Rejection trailer).
         server = grpc.aio.server(
-            options=rpc.server_options(2 * config.server.max_message_bytes),
+            options=[
+                *rpc.server_options(2 * config.server.max_message_bytes),
+                # gRPC sets SO_REUSEPORT unless told not to: a second coordinator on a
+                # taken port would bind it and take half the first one's clients.
+                ("grpc.so_reuseport", int(config.server.reuse_port)),
+            ],
             interceptors=[UndecodableRequestGuard()],
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
@@ -263,12 +268,16 @@ class Coordinator:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(ctx, gate), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(ctx, gate), server)
         self._health = await rpc.add_health_and_reflection(server)
-        port = server.add_insecure_port(config.server.listen)
+        try:
+            port = server.add_insecure_port(config.server.listen)
+        except RuntimeError:  # this grpcio raises where older ones returned 0
+            port = 0
         if port == 0:
             await self._close_storage()
             raise StartupError(
                 f"cannot listen on {config.server.listen}: the port is taken or the address "
-                "is not local; change server.listen"
+                "is not local; change server.listen (replicas sharing a port set "
+                "server.reuse_port in each)"
             )
         self.port = port
         await server.start()
