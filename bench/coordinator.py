@@ -840,7 +840,7 @@ def print_report(results: dict[str, Any], group: int, total_s: float, replicas: 
     labels = list(results)
     print(
         f"\nCoordinator ingest: {group} rollouts/batch, {COMPLETION_TOKENS} completion "
-        f"tokens, one SubmitRollouts per batch, every batch accepted and committed before "
+        "tokens, one SubmitRollouts per batch, every batch accepted and committed before "
         f"its answer; {replicas} coordinator replica(s) sharing the port"
     )
     header = f"{'workers':>22}" + "".join(

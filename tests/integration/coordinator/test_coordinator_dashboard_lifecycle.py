@@ -1,6 +1,7 @@
 """The dashboard inside the coordinator's lifecycle: started with it on the configured
 address, serving the coordinator's own registry, stopped with it; an address that cannot
-be bound is a start-up error that leaves nothing running."""
+be bound (the dashboard's or the gRPC server's) is a start-up error that leaves nothing
+running."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ async def test_a_taken_dashboard_port_is_a_startup_error(
 async def test_a_taken_grpc_port_is_a_startup_error_unless_replicas_share_it(
     tmp_path: Path, assets: dict[str, Path], keys: Keys
 ) -> None:
-    """gRPC sets SO_REUSEPORT by default: without `server.reuse_port` off, a second
-    coordinator on a taken port bound it and silently took half the first one's clients."""
+    """gRPC sets SO_REUSEPORT by default: before `server.reuse_port` (off unless asked
+    for), a second coordinator on a taken port bound it and took some of the first one's
+    clients."""
     config = make_config(tmp_path, assets, keys)
     async with Coordinator(config, seed=0) as first:
         listen = f"127.0.0.1:{first.port}"
