@@ -7,7 +7,8 @@ the in-process audit loop. Simulated workers are real gRPC clients in separate c
 processes (one grpc.aio channel per worker), so their signing and serialisation never
 run on the server's event loop. Each worker registers with its own Ed25519 key, leases
 its tasks through `LeaseTasks` and builds its batches *before* the timed window (one
-lease per batch, G = 16 samples of one task, 200 completion tokens, TOPLOC proofs of
+lease per batch, G = 16 samples of each of its tasks (one task per lease unless
+--tasks-per-batch says more), 200 completion tokens, TOPLOC proofs of
 the right size); inside the window it signs each batch afresh (new nonce and timestamp,
 so the server verifies a new signature and records a new nonce every time) and calls
 `SubmitRollouts` one batch after the other. Every batch must come back accepted: an
@@ -33,8 +34,10 @@ PostgreSQL is a private server started from the machine's binaries (`initdb`,
 `pg_ctl`, as the `postgres` user when run as root) with its durable defaults (fsync,
 synchronous_commit on); SQLite runs in WAL mode with synchronous=FULL (the default).
 
-Run: .venv/bin/python bench/coordinator.py [--quick] [--replicas N] [--profile DIR]
-(--replicas N: N coordinator processes on one database, sharing the port.)
+Run: .venv/bin/python bench/coordinator.py [--quick] [--replicas N] [--tasks-per-batch K]
+[--profile DIR] (--replicas N: N coordinator processes on one database, sharing the
+port; --tasks-per-batch K: leases of K tasks, so each batch carries K x 16 rollouts, as
+a GPU worker that generates several tasks' groups in one engine call submits them.)
 The last line of stdout is one JSON object with every figure.
 """
 
@@ -63,7 +66,7 @@ from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
 
-G = 16  # samples per task (one task per lease: 16 rollouts per batch)
+G = 16  # samples per task; a batch carries G x tasks-per-batch rollouts
 COMPLETION_TOKENS = 200
 MAX_NEW_TOKENS = 256
 WORKER_COUNTS = (1, 50, 200)
@@ -72,7 +75,6 @@ BATCHES: dict[int | str, int] = {1: 100, 50: 500, 200: 600, "paced": 600}
 QUICK_BATCHES: dict[int | str, int] = {1: 40, 50: 200, 200: 400, "paced": 250}
 # The target load of the paced phases: 2,000 rollouts/s offered by all workers together.
 TARGET_ROLLOUTS = 2000
-TARGET_BATCHES = TARGET_ROLLOUTS / G
 PACED_WORKER_COUNTS = (50, 200)
 N_TASKS = 1400
 CLIENT_PROCESSES = 2
@@ -145,8 +147,13 @@ def make_keys(root: Path, n_workers: int) -> dict[str, Any]:
             "workers": workers}  # fmt: skip
 
 
-def coordinator_overrides(
-    root: Path, assets: dict[str, Path], keys: dict[str, Any], url: str, audits: bool
+def coordinator_overrides(  # noqa: PLR0917
+    root: Path,
+    assets: dict[str, Path],
+    keys: dict[str, Any],
+    url: str,
+    audits: bool,
+    tasks_per_batch: int = 1,
 ) -> dict[str, Any]:
     return {
         "server": {"listen": "127.0.0.1:0", "sweep_interval_s": 1.0},
@@ -167,7 +174,7 @@ def coordinator_overrides(
                 "group_size": G,
                 "max_policy_lag": 1,
                 "max_new_tokens": MAX_NEW_TOKENS,
-                "max_tasks_per_lease": 1,
+                "max_tasks_per_lease": tasks_per_batch,
             }
         ],
     }
@@ -412,6 +419,7 @@ async def _client_async(  # noqa: PLR0917  (the argument list of a spawned proce
     interval: float,
     ready: Barrier,
     go: Event,
+    tasks_per_batch: int = 1,
 ) -> dict[str, Any]:
     import random
 
@@ -444,7 +452,7 @@ async def _client_async(  # noqa: PLR0917  (the argument list of a spawned proce
 
     async def prepare(me: Any, stub: Any) -> list[bytes]:
         payloads = []
-        lease_payload = worker_pb2.LeasePayload(run_id="r1", max_tasks=1)
+        lease_payload = worker_pb2.LeasePayload(run_id="r1", max_tasks=tasks_per_batch)
         for _ in range(per_worker):
             for _attempt in range(100):
                 answer = await stub.LeaseTasks(
@@ -452,7 +460,7 @@ async def _client_async(  # noqa: PLR0917  (the argument list of a spawned proce
                         envelope=_signed(me, method + "LeaseTasks", lease_payload)
                     )
                 )
-                if answer.HasField("lease"):
+                if answer.HasField("lease") and len(answer.lease.tasks) == tasks_per_batch:
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -529,11 +537,14 @@ def _client_main(  # noqa: PLR0917  (multiprocessing passes positional args)
     ready: Barrier,
     go: Event,
     results: Any,
+    tasks_per_batch: int,
 ) -> None:
     try:
         results.put(
             asyncio.run(
-                _client_async(address, key_paths, per_worker, register, interval, ready, go)
+                _client_async(
+                    address, key_paths, per_worker, register, interval, ready, go, tasks_per_batch
+                )
             )
         )
     except BaseException as exc:
@@ -557,12 +568,15 @@ def run_phase(
     n_batches: int,
     *,
     register: bool,
-    rate: float | None = None,
+    paced: bool = False,
     profile: bool = False,
+    tasks_per_batch: int = 1,
 ) -> dict[str, Any]:
     """Lease and prepare, then submit every batch with `n_workers` concurrent workers:
-    back to back (`rate` None: the most the coordinator takes), or paced so that all
-    workers together offer `rate` batches/s (open loop: latency at that load)."""
+    back to back (the most the coordinator takes), or `paced` so that all workers
+    together offer `TARGET_ROLLOUTS` rollouts/s (open loop: latency at that load)."""
+    per_batch = G * tasks_per_batch
+    rate = TARGET_ROLLOUTS / per_batch if paced else None
     ctx = mp.get_context("spawn")
     n_procs = min(CLIENT_PROCESSES, n_workers)
     per_worker = max(1, n_batches // n_workers)
@@ -581,6 +595,7 @@ def run_phase(
                 ready,
                 go,
                 results,
+                tasks_per_batch,
             ),
         )
         for i in range(n_procs)
@@ -612,19 +627,22 @@ def run_phase(
             rejected[name] = rejected.get(name, 0) + count
     return {
         "workers": n_workers,
-        "offered_rollouts_per_s": round(rate * G, 1) if rate else None,
+        "rollouts_per_batch": per_batch,
+        "offered_rollouts_per_s": round(rate * per_batch, 1) if rate else None,
         "batches": len(latencies),
         "accepted_batches": accepted,
         "rejected": rejected,
         "seconds": round(elapsed, 3),
-        "rollouts_per_s": round(accepted * G / elapsed, 1),
+        "rollouts_per_s": round(accepted * per_batch / elapsed, 1),
         "p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
         # Server CPU per batch (all its threads): what a dedicated core would give,
         # whatever else this shared machine runs at the time.
         "server_cpu_ms_per_batch": round(server_cpu * 1000 / max(1, accepted), 2),
-        "rollouts_per_server_cpu_s": round(accepted * G / server_cpu, 1) if server_cpu else None,
+        "rollouts_per_server_cpu_s": (
+            round(accepted * per_batch / server_cpu, 1) if server_cpu else None
+        ),
         "payload_bytes": outcomes[0]["payload_bytes"],
     }
 
@@ -693,6 +711,7 @@ def bench_database(  # noqa: PLR0917
     profile_dir: Path | None,
     only_ingest: bool = False,
     replicas: int = 1,
+    tasks_per_batch: int = 1,
 ) -> dict[str, Any]:
     """Audits off: the most each worker count gets ingested (back to back), then the
     latency at the target load (paced); audits on: 200 paced workers, then the drain."""
@@ -700,7 +719,9 @@ def bench_database(  # noqa: PLR0917
     url = url_factory()
     prof = str(profile_dir / f"{label}.prof") if profile_dir else None
     server = Replicas(
-        coordinator_overrides(root / f"{label}-off", assets, keys, url, False), replicas, prof
+        coordinator_overrides(root / f"{label}-off", assets, keys, url, False, tasks_per_batch),
+        replicas,
+        prof,
     )
     try:
         publish_policy(server.address, keys, assets["shards"])
@@ -709,6 +730,7 @@ def bench_database(  # noqa: PLR0917
             phase = run_phase(
                 server, keys["workers"], n, batches[n], register=n > registered,
                 profile=prof is not None and n == WORKER_COUNTS[-1],
+                tasks_per_batch=tasks_per_batch,
             )  # fmt: skip
             registered = max(registered, n)
             out["phases"].append(phase)
@@ -717,7 +739,8 @@ def bench_database(  # noqa: PLR0917
                 Path(os.environ["BENCH_SERVER_PID_FILE"]).write_text(str(server.pid))
         for n in PACED_WORKER_COUNTS:
             phase = run_phase(
-                server, keys["workers"], n, batches["paced"], register=False, rate=TARGET_BATCHES
+                server, keys["workers"], n, batches["paced"], register=False, paced=True,
+                tasks_per_batch=tasks_per_batch,
             )  # fmt: skip
             out["paced"].append(phase)
             print(f"  {label:10s} audits off {_row(phase)}", file=sys.stderr, flush=True)
@@ -727,15 +750,18 @@ def bench_database(  # noqa: PLR0917
         return out
     url = url_factory()
     server = Replicas(
-        coordinator_overrides(root / f"{label}-on", assets, keys, url, True), replicas, None
+        coordinator_overrides(root / f"{label}-on", assets, keys, url, True, tasks_per_batch),
+        replicas,
+        None,
     )
     try:
         publish_policy(server.address, keys, assets["shards"])
         n = WORKER_COUNTS[-1]
         before = audit_counts(url)
         phase = run_phase(
-            server, keys["workers"], n, batches["paced"], register=True, rate=TARGET_BATCHES
-        )
+            server, keys["workers"], n, batches["paced"], register=True, paced=True,
+            tasks_per_batch=tasks_per_batch,
+        )  # fmt: skip
         after = audit_counts(url)
         print(f"  {label:10s} audits on  {_row(phase)}", file=sys.stderr, flush=True)
         during = _finished(after) - _finished(before)
@@ -788,16 +814,25 @@ def main() -> None:
         default=1,
         help="coordinator processes on one database sharing one port (default 1)",
     )
+    parser.add_argument(
+        "--tasks-per-batch",
+        type=int,
+        default=1,
+        help=f"tasks per lease, so {G} x K rollouts per batch (default 1)",
+    )
     args = parser.parse_args()
     if args.replicas < 1:
         parser.error(f"--replicas must be at least 1, got {args.replicas}")
+    if not 1 <= args.tasks_per_batch <= 16:
+        parser.error(f"--tasks-per-batch must be 1..16, got {args.tasks_per_batch}")
     batches = QUICK_BATCHES if args.quick else BATCHES
     t0 = time.time()
     root = Path(tempfile.mkdtemp(prefix="bench-coordinator-"))
     postgres: Postgres | None = None
     results: dict[str, Any] = {}
     try:
-        assets = build_assets(root, N_TASKS)
+        # Every prepared lease holds its tasks until its batch is in.
+        assets = build_assets(root, N_TASKS * args.tasks_per_batch)
         keys = make_keys(root, max(WORKER_COUNTS))
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -821,12 +856,13 @@ def main() -> None:
                 args.profile,
                 args.only_ingest,
                 args.replicas,
+                args.tasks_per_batch,
             )
     finally:
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print_report(results, G, time.time() - t0, args.replicas)
+    print_report(results, G * args.tasks_per_batch, time.time() - t0, args.replicas)
 
 
 def _cells(p: dict[str, Any]) -> str:
@@ -836,10 +872,12 @@ def _cells(p: dict[str, Any]) -> str:
     )
 
 
-def print_report(results: dict[str, Any], group: int, total_s: float, replicas: int = 1) -> None:
+def print_report(
+    results: dict[str, Any], per_batch: int, total_s: float, replicas: int = 1
+) -> None:
     labels = list(results)
     print(
-        f"\nCoordinator ingest: {group} rollouts/batch, {COMPLETION_TOKENS} completion "
+        f"\nCoordinator ingest: {per_batch} rollouts/batch, {COMPLETION_TOKENS} completion "
         "tokens, one SubmitRollouts per batch, every batch accepted and committed before "
         f"its answer; {replicas} coordinator replica(s) sharing the port"
     )
@@ -878,7 +916,8 @@ def print_report(results: dict[str, Any], group: int, total_s: float, replicas: 
         )
     print(f"\ntotal bench time {total_s:.0f} s")
     summary = {
-        "group_size": group,
+        "group_size": G,
+        "rollouts_per_batch": per_batch,
         "replicas": replicas,
         "completion_tokens": COMPLETION_TOKENS,
         "target_rollouts_per_s": TARGET_ROLLOUTS,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_support import (
@@ -26,6 +27,7 @@ from service_support import (
 from coderepair.coordinator.service.audit import AuditRequest, AuditResult
 from coderepair.coordinator.service.server import Coordinator
 from coderepair.coordinator.storage.objects import S3ObjectStore
+from coderepair.protocol import rpc
 from coderepair.v1 import admin_pb2, common_pb2, trainer_pb2, worker_pb2
 
 
@@ -249,3 +251,60 @@ async def test_failed_audits_void_and_ban(
         )
         assert [a.verdict for a in listed.audits] == [admin_pb2.AUDIT_VERDICT_FAILED] * 2
         del coordinator
+
+
+async def test_a_batch_envelope_replayed_to_another_replica_is_refused_and_stores_nothing(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    """Two coordinators on one database, as replicas are. SubmitRollouts records its
+    envelope's nonce in the same group-commit operation as the batch: the replica that
+    saw an envelope refuses its replay from memory, the other finds the nonce in the
+    shared table when it writes, and refuses it without storing anything."""
+    config = make_config(tmp_path, assets, keys)
+    async for _a, first in _open(config):
+        async for _b, second in _open(config):
+            worker = keys.workers[0]
+            await first.register(worker)
+            assert (await first.publish(keys.trainer, assets["shards"])).accepted
+            leased = (await first.lease(worker)).lease
+            payload = submit_payload(leased, make_samples(leased))
+            envelope = signed(worker, W + "SubmitRollouts", payload)
+            request = worker_pb2.SubmitRolloutsRequest(envelope=envelope)
+            answer = await first.worker.SubmitRollouts(request)
+            assert answer.accepted, answer.rejection.message
+            for replica in (first, second):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await replica.worker.SubmitRollouts(request)
+                rejection = rpc.rejection_from_metadata(info.value.trailing_metadata())  # type: ignore[arg-type]
+                assert rejection is not None
+                assert rejection.reason == common_pb2.REJECTION_REASON_REPLAY, rejection.message
+            # A refused batch burns its nonce too: stored once (rejected), then replays
+            # of its envelope are refused at either replica.
+            other = (await first.lease(worker)).lease
+            bad = make_samples(other)
+            bad[0].seed += 1
+            refused_envelope = signed(worker, W + "SubmitRollouts", submit_payload(other, bad))
+            refused = await second.worker.SubmitRollouts(
+                worker_pb2.SubmitRolloutsRequest(envelope=refused_envelope)
+            )
+            assert not refused.accepted
+            assert refused.rejection.reason == common_pb2.REJECTION_REASON_STRUCTURAL
+            for replica in (second, first):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await replica.worker.SubmitRollouts(
+                        worker_pb2.SubmitRolloutsRequest(envelope=refused_envelope)
+                    )
+                rejection = rpc.rejection_from_metadata(info.value.trailing_metadata())  # type: ignore[arg-type]
+                assert rejection is not None
+                assert rejection.reason == common_pb2.REJECTION_REASON_REPLAY
+            # A retry (the same payload in a fresh envelope) at the other replica gets
+            # the stored verdict; the trainer sees the accepted batch's rows once.
+            retry = await second.submit(worker, payload)
+            assert retry.accepted and retry.replayed_response
+            assert retry.batch_id == answer.batch_id
+            assert len(await second.stream(keys.trainer)) == len(payload.samples)
+            # Nothing of the replays was stored: one batch accepted, one refused.
+            status = await second.worker.GetStatus(
+                worker_pb2.GetStatusRequest(worker_public_key=worker.public_key)
+            )
+            assert (status.worker.batches_accepted, status.worker.batches_rejected) == (1, 1)

@@ -159,6 +159,22 @@ def test_round_trip_generated(batch: list[RolloutRecord]) -> None:
     assert from_parquet_bytes(to_parquet_bytes(batch)) == batch
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records(), min_size=1, max_size=4), st.lists(st.integers(0, 3), max_size=12))
+def test_rows_sharing_one_prompt_list_round_trip(
+    distinct: list[RolloutRecord], picks: list[int]
+) -> None:
+    """Rows whose records hold the very same prompt list (as check_batch builds a task's
+    G records) are written by converting that prompt once: the file still reads back
+    as the records, in order, each with its own prompt."""
+    batch = list(distinct)
+    for i, pick in enumerate(picks):
+        owner = distinct[pick % len(distinct)]
+        # Another record object, holding the owner's prompt list itself.
+        batch.append(dataclasses.replace(batch[i % len(batch)], prompt_ids=owner.prompt_ids))
+    assert from_parquet_bytes(to_parquet_bytes(batch)) == batch
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -266,9 +266,20 @@ def _table(records: Iterable[RolloutRecord]) -> pa.Table:
             )
     # Column by column: a third of the cost of going through one dict per row, and the
     # coordinator encodes every batch it accepts.
-    columns: dict[str, list[Any]] = {name: [getattr(r, name) for r in records] for name in _COLUMNS}
+    columns: dict[str, Any] = {name: [getattr(r, name) for r in records] for name in _COLUMNS}
     for name in _MAP_COLUMNS:
         columns[name] = [list(m.items()) for m in columns[name]]
+    # The G samples of a task share one prompt list (check_batch builds them so):
+    # convert each distinct prompt once and repeat it by index, not once per row.
+    slot: dict[int, int] = {}
+    distinct: list[Any] = []
+    for prompt in columns["prompt_ids"]:
+        if slot.setdefault(id(prompt), len(slot)) == len(distinct):
+            distinct.append(prompt)
+    if len(distinct) < len(records):
+        index = pa.array([slot[id(p)] for p in columns["prompt_ids"]], type=pa.int32())
+        prompt_type = ROLLOUT_SCHEMA.field("prompt_ids").type
+        columns["prompt_ids"] = pa.array(distinct, type=prompt_type).take(index)
     return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
 

@@ -102,6 +102,9 @@ def test_a_valid_batch_becomes_records() -> None:
         (lambda p: setattr(p.samples[1], "sample_index", 0), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "task_id", "other"), "STRUCTURAL"),
         (lambda p: p.samples[0].behaviour_logprobs.append(-1.0), "STRUCTURAL"),
+        (lambda p: p.samples[0].behaviour_logprobs.__setitem__(1, math.nan), "STRUCTURAL"),
+        (lambda p: p.samples[0].behaviour_logprobs.__setitem__(2, -math.inf), "STRUCTURAL"),
+        (lambda p: p.samples[0].behaviour_logprobs.__setitem__(0, 0.5), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "reward", 2.0), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "reward", math.nan), "STRUCTURAL"),
         (lambda p: setattr(p.samples[0], "proof", b"123"), "STRUCTURAL"),
@@ -120,6 +123,15 @@ def test_each_flaw_is_refused_with_its_reason(mutate: object, reason: str) -> No
         _check(payload)
     assert info.value.reason_name == reason
     assert info.value.message
+
+
+def test_the_largest_finite_logprobs_are_accepted() -> None:
+    # The fast check sums the logprobs; float32's most negative finite values must pass.
+    payload = _payload()
+    payload.samples[0].behaviour_logprobs[:] = [-3.4e38, -3.4e38, -3.4e38]
+    records = _check(payload)
+    assert records[0].behaviour_logprobs == list(payload.samples[0].behaviour_logprobs)
+    assert all(math.isfinite(lp) for lp in records[0].behaviour_logprobs)
 
 
 @settings(max_examples=200, deadline=None)

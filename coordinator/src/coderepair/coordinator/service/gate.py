@@ -13,6 +13,14 @@ coordinator replicas share and which survives a restart, and only then decodes t
 payload. A gate made with `with_group_commit` records the nonce through a
 `storage.batches.GroupCommitter` instead, which commits the nonces of concurrent
 requests in one transaction (the request still waits for that commit).
+
+`EnvelopeGate.open_deferred` is for a handler that writes anyway: it runs every check
+but the database's nonce and hands back a `PendingNonce`, which the handler records in
+the same operation as its own write (`remember_or_refuse`), so that write and nonce
+commit together, or neither does. SubmitRollouts does this: one group-commit wait per
+batch instead of two. A replay to the replica that saw the envelope is still refused
+at the door by the in-process cache; one sent to another replica is refused when its
+write finds the nonce taken, and nothing of it is stored.
 """
 
 from __future__ import annotations
@@ -185,6 +193,33 @@ def check_size(request: _message.Message, limit: int) -> None:
 M = TypeVar("M", bound=_message.Message)
 
 
+class PendingNonce:
+    """An envelope's (signer, nonce) that `open_deferred` checked but did not record."""
+
+    __slots__ = ("expires_ms", "nonce", "now_ms", "signer")
+
+    def __init__(self, signer: bytes, nonce: bytes, expires_ms: int, now_ms: int) -> None:
+        self.signer = signer
+        self.nonce = nonce
+        self.expires_ms = expires_ms
+        self.now_ms = now_ms
+
+    def replay(self) -> Refusal:
+        return Refusal(
+            R.REJECTION_REASON_REPLAY,
+            f"nonce {self.nonce.hex()} from {fingerprint(self.signer)} was already used: "
+            "sign every request afresh (a retry re-signs the same payload)",
+        )
+
+    def remember_or_refuse(self, session: Any) -> None:
+        """Record the nonce in the caller's transaction; `Refusal` (REPLAY) if taken."""
+        fresh = batches.remember_nonce_in(
+            session, self.signer, self.nonce, expires_ms=self.expires_ms, now_ms=self.now_ms
+        )
+        if not fresh:
+            raise self.replay()
+
+
 class EnvelopeGate:
     """Opens signed requests: returns (signer, payload) or raises `Refusal`."""
 
@@ -221,6 +256,24 @@ class EnvelopeGate:
         return await asyncio.wrap_future(future)
 
     async def open(self, request: _message.Message, method: str) -> tuple[bytes, Any]:
+        """Check and decode a signed request, recording its nonce; (signer, payload)."""
+        payload_type, payload, pending = self._verify(request, method)
+        fresh = await self._remember(
+            pending.signer, pending.nonce, pending.expires_ms, pending.now_ms
+        )
+        if not fresh:
+            raise pending.replay()
+        return pending.signer, _decode(payload, payload_type)
+
+    def open_deferred(
+        self, request: _message.Message, method: str
+    ) -> tuple[bytes, Any, PendingNonce]:
+        """Like `open`, but the nonce is the caller's to record (module docstring)."""
+        payload_type, payload, pending = self._verify(request, method)
+        return pending.signer, _decode(payload, payload_type), pending
+
+    def _verify(self, request: _message.Message, method: str) -> tuple[Any, bytes, PendingNonce]:
+        """Size, envelope, purpose, clock, signature, in-process nonce cache."""
         signed = rpc.SIGNED_RPCS[method]
         check_size(request, self._limit)
         raw = request.envelope  # type: ignore[attr-defined]
@@ -238,18 +291,18 @@ class EnvelopeGate:
             raise refusal_from(exc) from exc
         now = self._now_ms()
         expires = now + int(2 * self._verifier.max_clock_skew_s * 1000)
-        fresh = await self._remember(envelope.signer, envelope.nonce, expires, now)
-        if not fresh:
-            raise Refusal(
-                R.REJECTION_REASON_REPLAY,
-                f"nonce {envelope.nonce.hex()} from {fingerprint(envelope.signer)} was already "
-                "used: sign every request afresh (a retry re-signs the same payload)",
-            )
-        try:
-            message = rpc.decode_payload(payload, signed.payload_type)
-        except DecodeError as exc:
-            raise refusal_from(exc) from exc
-        return envelope.signer, message
+        return (
+            signed.payload_type,
+            payload,
+            PendingNonce(envelope.signer, envelope.nonce, expires, now),
+        )
+
+
+def _decode(payload: bytes, payload_type: Any) -> Any:
+    try:
+        return rpc.decode_payload(payload, payload_type)
+    except DecodeError as exc:
+        raise refusal_from(exc) from exc
 
 
 def require_active(worker: Worker) -> Worker:

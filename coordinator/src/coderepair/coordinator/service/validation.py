@@ -128,7 +128,11 @@ def check_policy_window(version: int, latest: int, max_lag: int) -> None:
 
 def _check_sample(
     sample: common_pb2.RolloutSample, seeds: Sequence[int], prompt: list[int], max_new: int
-) -> None:
+) -> tuple[list[int], list[float]]:
+    """Checks of one sample's own fields; returns its completion ids and logprobs as
+    lists (the record holds them: each repeated field is converted once, and the checks
+    run over the lists, where max() and sum() are C loops over plain objects; over the
+    protobuf containers the same checks cost twice as much)."""
     # `prompt` is a list: a protobuf repeated field compares equal to a list, not a tuple.
     task_id, index = sample.task_id, sample.sample_index
 
@@ -141,22 +145,24 @@ def _check_sample(
         raise fail("seed differs from the lease's: use seeds[sample_index] of the lease")
     if sample.prompt_token_ids != prompt:
         raise fail("prompt_token_ids differ from the lease's: feed the engine the lease's ids")
-    n = len(sample.completion_token_ids)
+    completion = list(sample.completion_token_ids)
+    n = len(completion)
     if not 1 <= n <= max_new:
         raise fail(f"has {n} completion tokens; the lease allows 1 to {max_new}")
-    if max(sample.completion_token_ids) > MAX_TOKEN_ID:
+    if max(completion) > MAX_TOKEN_ID:
         raise fail(f"completion_token_ids hold an id above {MAX_TOKEN_ID}: not a token id")
     if not _HEX64.fullmatch(sample.test_log_sha256):
         raise fail("test_log_sha256 must be 64 lowercase hex digits (the log's sha256)")
-    if len(sample.behaviour_logprobs) != n:
-        raise fail(
-            f"has {len(sample.behaviour_logprobs)} behaviour logprobs for {n} tokens: one each"
-        )
-    logprobs = sample.behaviour_logprobs
-    # C loops: this runs for every token the coordinator ingests.
-    if n and not (all(map(math.isfinite, logprobs)) and max(logprobs) <= _LOGPROB_SLACK):
-        bad = next(lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK)
-        raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
+    logprobs = list(sample.behaviour_logprobs)  # doubles: floats
+    if len(logprobs) != n:
+        raise fail(f"has {len(logprobs)} behaviour logprobs for {n} tokens: one each")
+    # C loops: this runs for every token the coordinator ingests. A NaN or an infinity
+    # makes the (double) sum non-finite, and float32 values cannot overflow it; the exact
+    # scan runs only to name the bad value.
+    if not (math.isfinite(sum(logprobs)) and max(logprobs) <= _LOGPROB_SLACK):
+        bad = next((lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK), None)
+        if bad is not None:
+            raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
     if len(sample.completion_text) > MAX_TEXT_CHARS or len(sample.patch) > MAX_TEXT_CHARS:
         raise fail(f"completion_text and patch are limited to {MAX_TEXT_CHARS} characters")
     size = proof_size()
@@ -168,6 +174,7 @@ def _check_sample(
         )
     if sample.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
         raise fail("finish_reason is unset: say STOP or LENGTH")
+    return completion, logprobs
 
 
 def _check_reward(sample: common_pb2.RolloutSample, spec: RewardSpec) -> None:
@@ -250,7 +257,9 @@ def check_batch(
                 index=index,
             )
         seen.add((task_id, index))
-        _check_sample(sample, seeds[task_id], prompts[task_id], max_new_tokens)
+        completion, logprobs = _check_sample(
+            sample, seeds[task_id], prompts[task_id], max_new_tokens
+        )
         _check_reward(sample, reward_spec)
         timings = sample.timings
         try:
@@ -265,8 +274,8 @@ def check_batch(
                     sample_index=int(index),
                     seed=int(sample.seed),
                     prompt_ids=prompts[task_id],
-                    completion_ids=list(sample.completion_token_ids),
-                    behaviour_logprobs=list(sample.behaviour_logprobs),  # doubles: floats
+                    completion_ids=completion,
+                    behaviour_logprobs=logprobs,
                     completion_text=sample.completion_text,
                     patch=sample.patch,
                     reward=float(sample.reward),

@@ -34,6 +34,7 @@ from coderepair.coordinator.service import convert
 from coderepair.coordinator.service.context import RunState, ServiceContext
 from coderepair.coordinator.service.gate import (
     EnvelopeGate,
+    PendingNonce,
     Refusal,
     guarded,
     not_registered,
@@ -97,11 +98,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._gate = gate.with_group_commit(self._committer)
         self._rng = rng
 
-    async def _record(self, draft: batches.BatchDraft) -> batches.RecordedBatch:
-        """`record_batch` through the group committer: returns after the commit."""
+    async def _record(
+        self, draft: batches.BatchDraft, nonce: PendingNonce
+    ) -> batches.RecordedBatch:
+        """`record_batch` through the group committer, with the request's nonce in the
+        same operation (`EnvelopeGate.open_deferred`): returns after the commit."""
         now = self._ctx.now_ms()
-        future = self._committer.submit(lambda session: batches.record_in(session, draft, now))
-        return await asyncio.wrap_future(future)
+
+        def operation(session: Any) -> batches.RecordedBatch:
+            nonce.remember_or_refuse(session)
+            return batches.record_in(session, draft, now)
+
+        return await asyncio.wrap_future(self._committer.submit(operation))
 
     # ---------------------------------------------------------------- helpers
 
@@ -319,7 +327,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.SubmitRolloutsRequest, context: Any
     ) -> worker_pb2.SubmitRolloutsResponse:
         started = time.perf_counter()
-        signer, payload = await self._gate.open(request, _M + "SubmitRollouts")
+        signer, payload, nonce = self._gate.open_deferred(request, _M + "SubmitRollouts")
         ctx = self._ctx
         worker_id = fingerprint(signer)
         lease_id = payload.lease_id if 0 < len(payload.lease_id) <= 64 else None
@@ -347,10 +355,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             records, state = self._validate(payload, lease, view.run, worker, signer)
         except Refusal as refusal:
-            response = await self._store_refusal(draft, refusal)
+            response = await self._store_refusal(draft, refusal, nonce)
             ctx.record_submit(response, time.perf_counter() - started)
             return response
-        response = await self._accept(draft, records, state, worker)
+        response = await self._accept(draft, records, state, worker, nonce)
         ctx.record_submit(response, time.perf_counter() - started, records)
         return response
 
@@ -407,7 +415,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return records, state
 
     async def _store_refusal(
-        self, draft: batches.BatchDraft, refusal: Refusal
+        self, draft: batches.BatchDraft, refusal: Refusal, nonce: PendingNonce
     ) -> worker_pb2.SubmitRolloutsResponse:
         rejected = batches.BatchDraft(
             worker_id=draft.worker_id,
@@ -424,7 +432,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ),
         )
         try:
-            recorded = await self._record(rejected)
+            recorded = await self._record(rejected, nonce)
         except IdempotencyConflictError as exc:
             return convert.refused_response(Refusal(R.REJECTION_REASON_CONFLICT, str(exc)))
         if not recorded.created:
@@ -447,14 +455,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         records: list[RolloutRecord],
         state: RunState,
         worker: Worker,
+        nonce: PendingNonce,
     ) -> worker_pb2.SubmitRolloutsResponse:
         ctx = self._ctx
         key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
-        data = await asyncio.to_thread(to_parquet_bytes, records)
-        # Not on the database threads: the object's fsyncs would hold them.
-        await asyncio.to_thread(ctx.objects.put, key, data)
+
+        def store() -> list[str]:
+            ctx.objects.put(key, to_parquet_bytes(records))
+            return [batches.completion_digest(r.task_id, r.completion_ids) for r in records]
+
+        # One hop off the event loop for the encoding, the write and the digests, and
+        # not on the database threads: the object's fsyncs would hold them.
+        digests = await asyncio.to_thread(store)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
-        digests = [batches.completion_digest(r.task_id, r.completion_ids) for r in records]
         kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
         # A completion another worker already had accepted is what a copier sends, but
         # also what honest workers write once the policy is confident (a learned fix).
@@ -486,12 +499,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             duplicate_audit_kinds=on_duplicate,
         )
         try:
-            recorded = await self._record(accepted)
+            recorded = await self._record(accepted, nonce)
         except DuplicateCompletionError as exc:
-            return await self._store_refusal(draft, Refusal(R.REJECTION_REASON_DUPLICATE, str(exc)))
+            refusal = Refusal(R.REJECTION_REASON_DUPLICATE, str(exc))
+            return await self._store_refusal(draft, refusal, nonce)
         except LeaseNotOpenError as exc:
             reason = R.Value(f"REJECTION_REASON_{exc.reason}")
-            return await self._store_refusal(draft, Refusal(reason, str(exc)))
+            return await self._store_refusal(draft, Refusal(reason, str(exc)), nonce)
         except IdempotencyConflictError as exc:
             return convert.refused_response(Refusal(R.REJECTION_REASON_CONFLICT, str(exc)))
         if recorded.created:
