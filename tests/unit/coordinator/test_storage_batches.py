@@ -367,3 +367,38 @@ def test_a_cancelled_caller_does_not_stop_the_group_committer(
     # The thread lives on: the next operation is committed and answered.
     assert committer.submit(lambda _session: "next").result(10) == "next"
     assert abandoned.cancelled()
+
+
+def _columns(obj: object) -> dict[str, object]:
+    table = type(obj).__table__  # type: ignore[attr-defined]
+    return {c.key: getattr(obj, c.key) for c in table.columns}
+
+
+def test_submission_view_holds_the_rows_as_stored(storage_world: StorageWorld) -> None:
+    """The view is read in Core, not through the ORM: its objects must still carry
+    every column of the stored rows, with enums as enums, and None where a row is
+    missing."""
+    world = storage_world
+    lease_id = _lease(world, world.alice, ["t0"])
+    view = batches.submission_view(world.db, world.alice.worker_id, lease_id)
+    with world.db.read() as session:
+        stored = [
+            session.get(type(obj), pk)
+            for obj, pk in (
+                (world.alice, world.alice.worker_id),
+                (view.lease, lease_id),
+                (world.run, "r1"),
+            )
+        ]
+    assert view.worker is not None and view.lease is not None and view.run is not None
+    for got, want in zip((view.worker, view.lease, view.run), stored, strict=True):
+        assert _columns(got) == _columns(want)
+    assert view.lease.state is LeaseState.OPEN
+    assert repo.lease_tasks(view.lease) == [repo.LeaseTask("t0", list(range(G)))]
+    # An unknown lease, or none named: the worker row only.
+    for lease in ("no-such-lease", None):
+        missing = batches.submission_view(world.db, world.alice.worker_id, lease)
+        assert missing.worker is not None and missing.lease is None and missing.run is None
+    assert batches.submission_view(world.db, "nobody", lease_id) == batches.SubmissionView(
+        None, None, None
+    )
