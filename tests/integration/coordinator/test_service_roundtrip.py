@@ -133,14 +133,21 @@ async def test_round_trip_s3(
     assert listed["KeyCount"] == 1
 
 
+async def _first_payload(
+    clients: Clients, keys: Keys, assets: dict[str, Path]
+) -> tuple[Any, worker_pb2.SubmitPayload]:
+    """Register worker 0, publish version 1, lease one task: (lease, valid payload)."""
+    await clients.register(keys.workers[0])
+    assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+    leased = (await clients.lease(keys.workers[0])).lease
+    return leased, submit_payload(leased, make_samples(leased))
+
+
 async def test_retry_is_stored_once(tmp_path: Path, assets: dict[str, Path], keys: Keys) -> None:
     config = make_config(tmp_path, assets, keys)
     async for _coordinator, clients in _open(config):
         worker = keys.workers[0]
-        await clients.register(worker)
-        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
-        leased = (await clients.lease(worker)).lease
-        payload = submit_payload(leased, make_samples(leased))
+        leased, payload = await _first_payload(clients, keys, assets)
         first = await clients.submit(worker, payload)
         # The retry re-signs the same payload in a fresh envelope (new nonce).
         again = await asyncio.gather(*(clients.submit(worker, payload) for _ in range(3)))
@@ -253,6 +260,14 @@ async def test_failed_audits_void_and_ban(
         del coordinator
 
 
+async def _refused_as_replay(replica: Clients, envelope: bytes) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await replica.worker.SubmitRollouts(worker_pb2.SubmitRolloutsRequest(envelope=envelope))
+    rejection = rpc.rejection_from_metadata(info.value.trailing_metadata())  # type: ignore[arg-type]
+    assert rejection is not None
+    assert rejection.reason == common_pb2.REJECTION_REASON_REPLAY, rejection.message
+
+
 async def test_a_batch_envelope_replayed_to_another_replica_is_refused_and_stores_nothing(
     tmp_path: Path, assets: dict[str, Path], keys: Keys
 ) -> None:
@@ -264,20 +279,13 @@ async def test_a_batch_envelope_replayed_to_another_replica_is_refused_and_store
     async for _a, first in _open(config):
         async for _b, second in _open(config):
             worker = keys.workers[0]
-            await first.register(worker)
-            assert (await first.publish(keys.trainer, assets["shards"])).accepted
-            leased = (await first.lease(worker)).lease
-            payload = submit_payload(leased, make_samples(leased))
+            _, payload = await _first_payload(first, keys, assets)
             envelope = signed(worker, W + "SubmitRollouts", payload)
             request = worker_pb2.SubmitRolloutsRequest(envelope=envelope)
             answer = await first.worker.SubmitRollouts(request)
             assert answer.accepted, answer.rejection.message
             for replica in (first, second):
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await replica.worker.SubmitRollouts(request)
-                rejection = rpc.rejection_from_metadata(info.value.trailing_metadata())  # type: ignore[arg-type]
-                assert rejection is not None
-                assert rejection.reason == common_pb2.REJECTION_REASON_REPLAY, rejection.message
+                await _refused_as_replay(replica, envelope)
             # A refused batch burns its nonce too: stored once (rejected), then replays
             # of its envelope are refused at either replica.
             other = (await first.lease(worker)).lease
@@ -290,13 +298,7 @@ async def test_a_batch_envelope_replayed_to_another_replica_is_refused_and_store
             assert not refused.accepted
             assert refused.rejection.reason == common_pb2.REJECTION_REASON_STRUCTURAL
             for replica in (second, first):
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await replica.worker.SubmitRollouts(
-                        worker_pb2.SubmitRolloutsRequest(envelope=refused_envelope)
-                    )
-                rejection = rpc.rejection_from_metadata(info.value.trailing_metadata())  # type: ignore[arg-type]
-                assert rejection is not None
-                assert rejection.reason == common_pb2.REJECTION_REASON_REPLAY
+                await _refused_as_replay(replica, refused_envelope)
             # A retry (the same payload in a fresh envelope) at the other replica gets
             # the stored verdict; the trainer sees the accepted batch's rows once.
             retry = await second.submit(worker, payload)

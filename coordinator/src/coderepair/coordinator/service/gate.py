@@ -30,6 +30,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
@@ -193,16 +194,14 @@ def check_size(request: _message.Message, limit: int) -> None:
 M = TypeVar("M", bound=_message.Message)
 
 
+@dataclass(frozen=True, slots=True)
 class PendingNonce:
     """An envelope's (signer, nonce) that `open_deferred` checked but did not record."""
 
-    __slots__ = ("expires_ms", "nonce", "now_ms", "signer")
-
-    def __init__(self, signer: bytes, nonce: bytes, expires_ms: int, now_ms: int) -> None:
-        self.signer = signer
-        self.nonce = nonce
-        self.expires_ms = expires_ms
-        self.now_ms = now_ms
+    signer: bytes
+    nonce: bytes
+    expires_ms: int
+    now_ms: int
 
     def replay(self) -> Refusal:
         return Refusal(

@@ -160,9 +160,8 @@ def _check_sample(
     # makes the (double) sum non-finite, and float32 values cannot overflow it; the exact
     # scan runs only to name the bad value.
     if not (math.isfinite(sum(logprobs)) and max(logprobs) <= _LOGPROB_SLACK):
-        bad = next((lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK), None)
-        if bad is not None:
-            raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
+        bad = next(lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK)
+        raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
     if len(sample.completion_text) > MAX_TEXT_CHARS or len(sample.patch) > MAX_TEXT_CHARS:
         raise fail(f"completion_text and patch are limited to {MAX_TEXT_CHARS} characters")
     size = proof_size()
