@@ -266,6 +266,16 @@ class RunConfig(_Section):
         description="Time a worker has to submit a lease; afterwards its tasks go back to "
         "the pool and a submission is refused with LEASE_EXPIRED.",
     )
+    max_rollouts_ahead: int | None = Field(
+        default=None,
+        ge=1,
+        description="Back-pressure: no new lease while the rollouts accepted but not yet "
+        "checkpointed by the trainer, plus those of open leases (tasks x G), reach this. "
+        "None = no limit. Set it to at least the trainer's rollouts per step "
+        "(prompts_per_step x G), or the trainer waits for rows that are never leased; on "
+        "a shared machine a small value keeps workers from taking the trainer's CPU for "
+        "rollouts that would go stale.",
+    )
 
     @field_validator("run_id")
     @classmethod

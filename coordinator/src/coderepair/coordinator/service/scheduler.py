@@ -156,6 +156,11 @@ class TaskPool:
         with self._lock:
             return len(self._order) - len(self._busy())
 
+    def held_count(self) -> int:
+        """Tasks held by open leases or reserved for leases being created."""
+        with self._lock:
+            return len(self._busy())
+
     def _busy(self) -> set[str]:
         busy = set(self._leased)
         for ids in self._reserved.values():

@@ -247,6 +247,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 return run, state
         return None
 
+    async def _lease_room(self, run: Run, state: RunState, limit: int) -> int:
+        """Tasks a new lease may hold under the run's back-pressure limit (at least one
+        task whenever anything is below the limit, so a limit under G still makes work)."""
+        ahead = await self._ctx.call(batches.rollouts_ahead, self._ctx.db, run.run_id)
+        in_flight = state.pool.held_count() * run.group_size
+        room = limit - ahead - in_flight
+        if room <= 0:
+            return 0
+        return max(1, room // run.group_size)
+
     @guarded
     async def LeaseTasks(
         self, request: worker_pb2.LeaseTasksRequest, context: Any
@@ -267,7 +277,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return worker_pb2.LeaseTasksResponse(retry_after_ms=_NO_WORK_RETRY_MS)
         run, state = picked
         config = state.config
-        reservation = state.pool.reserve(min(payload.max_tasks, config.max_tasks_per_lease))
+        wanted_tasks = min(payload.max_tasks, config.max_tasks_per_lease)
+        if config.max_rollouts_ahead is not None:
+            room = await self._lease_room(run, state, config.max_rollouts_ahead)
+            if room < 1:
+                return worker_pb2.LeaseTasksResponse(retry_after_ms=_NO_WORK_RETRY_MS)
+            wanted_tasks = min(wanted_tasks, room)
+        reservation = state.pool.reserve(wanted_tasks)
         if reservation is None:
             return worker_pb2.LeaseTasksResponse(retry_after_ms=_NO_WORK_RETRY_MS)
         ctx = self._ctx

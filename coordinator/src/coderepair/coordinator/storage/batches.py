@@ -105,6 +105,7 @@ __all__ = [
     "record_batch",
     "record_in",
     "remember_nonce_in",
+    "rollouts_ahead",
     "submission_view",
 ]
 
@@ -820,6 +821,20 @@ def head_cursor(db: Database, run_id: str) -> int:
         if head is None:
             raise NotFoundError(f"run {run_id!r} does not exist")
         return int(head)
+
+
+def rollouts_ahead(db: Database, run_id: str) -> int:
+    """Accepted rollouts the trainer has not checkpointed yet: head minus acked cursor."""
+    acked = (
+        select(func.coalesce(func.max(TrainerAck.acked_cursor), 0))
+        .where(TrainerAck.run_id == run_id)
+        .scalar_subquery()
+    )
+    with db.read() as session:
+        ahead = session.scalar(select(Run.head_cursor - acked).where(Run.run_id == run_id))
+        if ahead is None:
+            raise NotFoundError(f"run {run_id!r} does not exist")
+        return max(0, int(ahead))
 
 
 @dataclass(frozen=True)

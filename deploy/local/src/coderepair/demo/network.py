@@ -152,8 +152,14 @@ class DemoNetwork:
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CODEREPAIR_")}
-        # Each role on a small share of two cores: oversubscribed torch threads crawl.
-        env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "0"}
+        # Each role on a small share of two cores: oversubscribed torch threads crawl,
+        # and OpenMP threads that spin while they wait take the cores from the others.
+        env |= {
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "TOKENIZERS_PARALLELISM": "0",
+        }
         return env | extra
 
     async def _start_coordinator(self) -> None:

@@ -136,7 +136,7 @@ def profile_for(tiny: bool) -> Profile:
         group_size=8,
         prompts_per_step=2,
         max_new_tokens=160,
-        learning_rate=2e-6,
+        learning_rate=5e-6,
         max_steps=1000,  # the budget ends the run first
         eval_samples=4,
         eval_max_new_tokens=160,
@@ -400,6 +400,10 @@ def _write_configs(plan: DemoPlan, trainer_pub: str, trainer_key: Path, dash_por
                 "max_new_tokens": p.max_new_tokens,
                 "max_tasks_per_lease": 1,
                 "lease_ttl_s": 600.0,
+                # Two trainer steps of rollouts ahead at most: without it two workers
+                # filled the trainer's CPU share with rollouts that went stale (504 of
+                # 616 streamed were dropped, and a step took 4-8 minutes).
+                "max_rollouts_ahead": 2 * p.prompts_per_step * p.group_size,
             }
         ],
     }
