@@ -213,6 +213,36 @@ async def test_release_returns_tasks(tmp_path: Path, assets: dict[str, Path], ke
         assert len((await clients.lease(worker, max_tasks=4)).lease.tasks) == 4
 
 
+async def test_back_pressure_waits_for_the_trainer(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    # G = 2 and at most 4 rollouts ahead: two tasks may be out or unacknowledged at once.
+    run = {"max_tasks_per_lease": 4, "max_rollouts_ahead": 4}
+    config = make_config(tmp_path, assets, keys, run=run)
+    async for _coordinator, clients in _open(config):
+        alice, bob = keys.workers[0], keys.workers[1]
+        for identity in (alice, bob):
+            await clients.register(identity)
+        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        held = (await clients.lease(alice, max_tasks=4)).lease
+        assert len(held.tasks) == 2, "the lease is cut to the room under the limit"
+        # Free tasks remain, but the leased rollouts fill the limit.
+        waiting = await clients.lease(bob)
+        assert not waiting.HasField("lease") and waiting.retry_after_ms > 0
+        assert (await clients.submit(alice, submit_payload(held, make_samples(held)))).accepted
+        # Accepted but not checkpointed by the trainer: still ahead.
+        still = await clients.lease(bob)
+        assert not still.HasField("lease") and still.retry_after_ms > 0
+        ack = trainer_pb2.AckPayload(run_id="r1", cursor=2, trainer_step=1)
+        await clients.trainer.AckCursor(
+            trainer_pb2.AckCursorRequest(envelope=signed(keys.trainer, T + "AckCursor", ack))
+        )
+        # Two rollouts acknowledged: room for one task of two samples, no more.
+        one = (await clients.lease(bob, max_tasks=4)).lease
+        assert len(one.tasks) == 1
+        assert not (await clients.lease(alice)).HasField("lease")
+
+
 class RejectLongCompletions:
     """An auditor that fails batches with completions over 3 tokens (a stand-in policy
     for "this worker cheats", so the void/streak/ban path runs end to end)."""

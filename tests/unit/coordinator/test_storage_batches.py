@@ -19,6 +19,7 @@ from coderepair.coordinator.storage.errors import (
     DuplicateCompletionError,
     IdempotencyConflictError,
     LeaseNotOpenError,
+    NotFoundError,
     WorkerBannedError,
 )
 from coderepair.coordinator.storage.models import AuditKind, BatchState, LeaseState, Worker
@@ -309,10 +310,17 @@ def test_stream_reads_in_order_never_splits_a_group_and_skips_voided_rows(
 
 def test_acks_move_forward_only_and_never_past_the_head(storage_world: StorageWorld) -> None:
     world = storage_world
+    assert batches.rollouts_ahead(world.db, "r1") == 0
     _submit(world, world.alice, ["t1", "t2"], "key-ack-00000001")
+    assert batches.rollouts_ahead(world.db, "r1") == 8  # no ack yet: all of them
     assert batches.ack_cursor(world.db, "r1", 4, 10, T0) == batches.AckResult(4, 8)
+    assert batches.rollouts_ahead(world.db, "r1") == 4
     assert batches.ack_cursor(world.db, "r1", 2, 11, T0) == batches.AckResult(4, 8)
+    assert batches.rollouts_ahead(world.db, "r1") == 4
     assert batches.ack_cursor(world.db, "r1", 8, 12, T0) == batches.AckResult(8, 8)
+    assert batches.rollouts_ahead(world.db, "r1") == 0
+    with pytest.raises(NotFoundError):
+        batches.rollouts_ahead(world.db, "no-such-run")
     with pytest.raises(CursorBeyondHeadError, match="beyond"):
         batches.ack_cursor(world.db, "r1", 9, 13, T0)
 

@@ -109,5 +109,41 @@ def demo(  # noqa: PLR0917  (typer passes options positionally)
         raise typer.Exit(1) from None
 
 
+@app.command()
+def learning(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Work directories of finished demo runs of one configuration."),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare repeated demo runs: the reward rise (first to last quarter of the trainer's
+    steps) against its run-to-run noise, and held-out pass@1 before and after."""
+    import json  # noqa: PLC0415
+
+    from coderepair.demo.learning import LearningError, compare, read_run  # noqa: PLC0415
+
+    try:
+        report = compare([read_run(d.expanduser()) for d in run_dirs])
+    except LearningError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    for r in report.runs:
+        typer.echo(
+            f"{r.path}: {r.steps} steps, reward {r.first_quarter:+.3f} -> "
+            f"{r.last_quarter:+.3f} (rise {r.rise:+.3f}); held-out pass@1 "
+            f"{r.heldout_before} -> {r.heldout_after}"
+        )
+    verdict = "exceeds" if report.rise_exceeds_noise else "does not exceed"
+    typer.echo(
+        f"mean rise {report.mean_rise:+.3f} {verdict} the run-to-run noise of a quarter's "
+        f"mean ({report.noise:.3f}); the rise itself spreads by {report.rise_spread:.3f} "
+        f"over {len(report.runs)} runs"
+    )
+
+
 def main() -> None:
     app()

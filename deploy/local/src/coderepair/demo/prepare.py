@@ -383,6 +383,9 @@ def _write_configs(plan: DemoPlan, trainer_pub: str, trainer_key: Path, dash_por
             "host": "127.0.0.1",
             "port": dash_port,
             "refresh_s": 3.0,
+            # The whole run, not the last 15 minutes: the summary's batch totals and the
+            # dashboard's series come from this window (720 buckets, the most allowed).
+            "window": {"history_s": 6 * 3600, "bucket_s": 30, "max_policy_versions": 200},
         },
         "runs": [
             {

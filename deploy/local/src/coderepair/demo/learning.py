@@ -1,0 +1,145 @@
+"""Did the demo learn? The reward rise of repeated runs against their run-to-run noise.
+
+One run's per-step mean reward is noisy: 16 samples a step, from tasks of very different
+difficulty. A rise means something only against what the same figure does from run to
+run, so `coderepair learning RUN_DIR...` reads the `summary.json` of several demo runs
+of one configuration and reports:
+
+- per run, the mean reward of the first and of the last quarter of its trainer steps;
+- the rise (last minus first quarter), averaged over the runs;
+- the run-to-run noise: the sample standard deviation, across runs, of a quarter's mean,
+  pooled over the first and the last quarter (the spread one quarter's figure has when
+  the configuration is repeated);
+- whether the mean rise exceeds that noise (and the run-to-run spread of the rise itself).
+
+Two runs are the least that gives a spread at all; more runs give a better estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coderepair.protocol.errors import ProtocolError
+
+__all__ = ["LearningError", "LearningReport", "RunReward", "compare", "quarter_means", "read_run"]
+
+
+class LearningError(ProtocolError):
+    """A run directory cannot be read, or the runs cannot be compared."""
+
+
+def quarter_means(rewards: Sequence[float]) -> tuple[float, float]:
+    """Mean reward of the first and of the last quarter of the steps (at least one step
+    each), as the demo's summary reports them."""
+    if not rewards:
+        raise LearningError("a run with no trainer step has no reward to compare")
+    quarter = max(1, len(rewards) // 4)
+    return statistics.fmean(rewards[:quarter]), statistics.fmean(rewards[-quarter:])
+
+
+@dataclass(frozen=True)
+class RunReward:
+    """One run's reward figures."""
+
+    path: str
+    steps: int
+    first_quarter: float
+    last_quarter: float
+    heldout_before: float | None
+    heldout_after: float | None
+
+    @property
+    def rise(self) -> float:
+        return self.last_quarter - self.first_quarter
+
+
+def read_run(run_dir: Path) -> RunReward:
+    """The figures of the demo run in ``run_dir`` (a work directory or its ``run/``)."""
+    candidates = [run_dir / "summary.json", run_dir / "run" / "summary.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise LearningError(
+            f"no summary.json in {run_dir} or {run_dir / 'run'}: pass the --workdir of a "
+            "finished `coderepair demo` run"
+        )
+    try:
+        summary: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LearningError(f"cannot read {path}: {exc}") from exc
+    rewards = summary.get("reward_per_step") if isinstance(summary, dict) else None
+    if not isinstance(rewards, list) or not all(
+        isinstance(r, int | float) and math.isfinite(r) for r in rewards
+    ):
+        raise LearningError(f"{path} has no list of finite numbers under reward_per_step")
+    first, last = quarter_means([float(r) for r in rewards])
+
+    def _pass(key: str) -> float | None:
+        value = summary.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    return RunReward(
+        path=str(run_dir),
+        steps=len(rewards),
+        first_quarter=first,
+        last_quarter=last,
+        heldout_before=_pass("heldout_pass_at_1_before"),
+        heldout_after=_pass("heldout_pass_at_1_after"),
+    )
+
+
+@dataclass(frozen=True)
+class LearningReport:
+    """Repeated runs of one configuration, compared."""
+
+    runs: tuple[RunReward, ...]
+    mean_rise: float
+    noise: float
+    """Pooled run-to-run standard deviation of a quarter's mean reward."""
+    rise_spread: float
+    """Run-to-run standard deviation of the rise itself."""
+
+    @property
+    def rise_exceeds_noise(self) -> bool:
+        return self.mean_rise > self.noise
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "runs": [
+                {
+                    "path": r.path,
+                    "steps": r.steps,
+                    "first_quarter": round(r.first_quarter, 4),
+                    "last_quarter": round(r.last_quarter, 4),
+                    "rise": round(r.rise, 4),
+                    "heldout_before": r.heldout_before,
+                    "heldout_after": r.heldout_after,
+                }
+                for r in self.runs
+            ],
+            "mean_rise": round(self.mean_rise, 4),
+            "noise": round(self.noise, 4),
+            "rise_spread": round(self.rise_spread, 4),
+            "rise_exceeds_noise": self.rise_exceeds_noise,
+        }
+
+
+def compare(runs: Sequence[RunReward]) -> LearningReport:
+    """The mean rise of ``runs`` against their run-to-run noise (two runs at least)."""
+    if len(runs) < 2:
+        raise LearningError(
+            f"run-to-run noise needs at least two runs of one configuration, got {len(runs)}"
+        )
+    first_sd = statistics.stdev(r.first_quarter for r in runs)
+    last_sd = statistics.stdev(r.last_quarter for r in runs)
+    return LearningReport(
+        runs=tuple(runs),
+        mean_rise=statistics.fmean(r.rise for r in runs),
+        noise=math.sqrt((first_sd**2 + last_sd**2) / 2),
+        rise_spread=statistics.stdev(r.rise for r in runs),
+    )
