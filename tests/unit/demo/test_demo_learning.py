@@ -7,13 +7,22 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from coderepair.demo.cli import app
-from coderepair.demo.learning import LearningError, RunReward, compare, quarter_means, read_run
+from coderepair.demo.learning import (
+    LearningError,
+    RunReward,
+    compare,
+    outcome_shares,
+    quarter_means,
+    read_run,
+)
 
 
 def _write(run_dir: Path, rewards: list[float], **extra: object) -> Path:
@@ -104,3 +113,45 @@ def test_the_cli_reports_the_rise_and_refuses_a_single_run(tmp_path: Path) -> No
     assert [r["steps"] for r in report["runs"]] == [4, 4]
     one = runner.invoke(app, ["learning", str(a)])
     assert one.exit_code == 1 and "at least two runs" in one.output
+
+
+def test_outcome_shares_compare_the_early_and_late_policy_versions() -> None:
+    versions = [1, 1, 2, 3, 4, 4, 4, 4]
+    components = [
+        ["malformed"],
+        ["pass"],
+        ["pass"],  # versions 2 and 3 are neither the first nor the last quarter
+        ["malformed"],
+        ["pass"],
+        ["pass", "length_penalty"],
+        ["not_applied", "well_formed"],
+        ["fail", "tests"],
+    ]
+    o = outcome_shares(versions, components)
+    assert (o.rollouts, o.pass_first, o.pass_last) == (8, 0.5, 0.5)
+    assert (o.malformed_first, o.malformed_last) == (0.5, 0.0)
+    with pytest.raises(LearningError):
+        outcome_shares([1], [])
+
+
+def test_read_run_reads_outcomes_from_the_local_object_store(tmp_path: Path) -> None:
+    work = _write(tmp_path / "w", [0.0, 1.0])
+    batch = work / "run" / "objects" / "runs" / "demo" / "batches" / "b1"
+    batch.mkdir(parents=True)
+    table = pa.table(
+        {
+            "policy_version": pa.array([1, 1, 2, 2], pa.int64()),
+            "reward_components": pa.array(
+                [[("malformed", -1.0)], [("pass", 1.0)], [("pass", 1.0)], [("pass", 1.0)]],
+                pa.map_(pa.string(), pa.float64()),
+            ),
+        }
+    )
+    pq.write_table(table, batch / "x.parquet")
+    run = read_run(work)
+    assert run.outcomes is not None
+    assert (run.outcomes.pass_first, run.outcomes.pass_last) == (0.5, 1.0)
+    assert (run.outcomes.malformed_first, run.outcomes.malformed_last) == (0.5, 0.0)
+    (batch / "y.parquet").write_bytes(b"not parquet")
+    with pytest.raises(LearningError, match="cannot read the rollouts"):
+        read_run(work)

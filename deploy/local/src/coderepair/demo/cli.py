@@ -137,6 +137,13 @@ def learning(
             f"{r.last_quarter:+.3f} (rise {r.rise:+.3f}); held-out pass@1 "
             f"{r.heldout_before} -> {r.heldout_after}"
         )
+        if r.outcomes is not None:
+            o = r.outcomes
+            typer.echo(
+                f"  {o.rollouts} accepted rollouts; first -> last quarter of policy versions: "
+                f"passing {o.pass_first:.1%} -> {o.pass_last:.1%}, malformed "
+                f"{o.malformed_first:.1%} -> {o.malformed_last:.1%}"
+            )
     verdict = "exceeds" if report.rise_exceeds_noise else "does not exceed"
     typer.echo(
         f"mean rise {report.mean_rise:+.3f} {verdict} the run-to-run noise of a quarter's "

@@ -10,7 +10,10 @@ of one configuration and reports:
 - the run-to-run noise: the sample standard deviation, across runs, of a quarter's mean,
   pooled over the first and the last quarter (the spread one quarter's figure has when
   the configuration is repeated);
-- whether the mean rise exceeds that noise (and the run-to-run spread of the rise itself).
+- whether the mean rise exceeds that noise (and the run-to-run spread of the rise itself);
+- from the accepted rollouts' Parquet files (``run/objects``), the share that passed the
+  tests and the share that was malformed, in the first and the last quarter of the policy
+  versions that generated them: what the reward's rise is made of.
 
 Two runs are the least that gives a spread at all; more runs give a better estimate.
 """
@@ -27,7 +30,16 @@ from typing import Any
 
 from coderepair.protocol.errors import ProtocolError
 
-__all__ = ["LearningError", "LearningReport", "RunReward", "compare", "quarter_means", "read_run"]
+__all__ = [
+    "LearningError",
+    "LearningReport",
+    "Outcomes",
+    "RunReward",
+    "compare",
+    "outcome_shares",
+    "quarter_means",
+    "read_run",
+]
 
 
 class LearningError(ProtocolError):
@@ -44,6 +56,63 @@ def quarter_means(rewards: Sequence[float]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class Outcomes:
+    """Shares of a run's accepted rollouts by outcome, early and late in the run."""
+
+    rollouts: int
+    pass_first: float
+    pass_last: float
+    malformed_first: float
+    malformed_last: float
+
+
+def outcome_shares(versions: Sequence[int], components: Sequence[Sequence[str]]) -> Outcomes:
+    """Pass and malformed shares of the rollouts from the first and the last quarter of
+    the policy versions present; ``components`` are each rollout's reward component
+    names (``pass`` and ``malformed`` name those outcomes in the protocol's reward)."""
+    if len(versions) != len(components) or not versions:
+        raise LearningError("outcome shares need one component list per rollout, and rollouts")
+    ordered = sorted(set(versions))
+    quarter = max(1, len(ordered) // 4)
+    early, late = set(ordered[:quarter]), set(ordered[-quarter:])
+
+    def share(chosen: set[int], name: str) -> float:
+        picked = [name in c for v, c in zip(versions, components, strict=True) if v in chosen]
+        return sum(picked) / len(picked)
+
+    return Outcomes(
+        rollouts=len(versions),
+        pass_first=share(early, "pass"),
+        pass_last=share(late, "pass"),
+        malformed_first=share(early, "malformed"),
+        malformed_last=share(late, "malformed"),
+    )
+
+
+def _read_outcomes(run_dir: Path) -> Outcomes | None:
+    """Outcome shares from the run's local object store; None when it holds no rollouts
+    (an S3 store, or a run that accepted nothing)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415  (heavy; only this reader needs it)
+
+    objects = next(
+        (p for p in (run_dir / "run" / "objects", run_dir / "objects") if p.is_dir()), None
+    )
+    if objects is None:
+        return None
+    versions: list[int] = []
+    components: list[list[str]] = []
+    for path in sorted(objects.glob("runs/*/batches/*/*.parquet")):
+        try:
+            table = pq.read_table(path, columns=["policy_version", "reward_components"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise LearningError(f"cannot read the rollouts in {path}: {exc}") from exc
+        for row in table.to_pylist():
+            versions.append(int(row["policy_version"]))
+            components.append([str(name) for name, _ in row["reward_components"] or []])
+    return outcome_shares(versions, components) if versions else None
+
+
+@dataclass(frozen=True)
 class RunReward:
     """One run's reward figures."""
 
@@ -53,6 +122,7 @@ class RunReward:
     last_quarter: float
     heldout_before: float | None
     heldout_after: float | None
+    outcomes: Outcomes | None = None
 
     @property
     def rise(self) -> float:
@@ -90,6 +160,7 @@ def read_run(run_dir: Path) -> RunReward:
         last_quarter=last,
         heldout_before=_pass("heldout_pass_at_1_before"),
         heldout_after=_pass("heldout_pass_at_1_after"),
+        outcomes=_read_outcomes(run_dir),
     )
 
 
@@ -119,6 +190,9 @@ class LearningReport:
                     "rise": round(r.rise, 4),
                     "heldout_before": r.heldout_before,
                     "heldout_after": r.heldout_after,
+                    "outcomes": None
+                    if r.outcomes is None
+                    else {k: round(v, 4) for k, v in vars(r.outcomes).items()},
                 }
                 for r in self.runs
             ],
