@@ -53,14 +53,15 @@ def test_a_constant_shift_moves_both_quarters_alike(rewards: list[float], shift:
 
 def test_compare_pools_the_quarters_spread_across_runs() -> None:
     runs = [
-        RunReward("a", 8, first_quarter=-0.2, last_quarter=0.3, heldout_before=0, heldout_after=0),
-        RunReward("b", 8, first_quarter=0.0, last_quarter=0.5, heldout_before=0, heldout_after=0),
+        RunReward("a", 8, -0.2, 0.3, 0, 0, quarter_standard_error=0.1),
+        RunReward("b", 8, 0.0, 0.5, 0, 0, quarter_standard_error=0.3),
     ]
     report = compare(runs)
     assert math.isclose(report.mean_rise, 0.5)
     # stdev of two values x, y is |x - y| / sqrt(2): 0.2 / sqrt(2) for both quarters.
     assert math.isclose(report.noise, 0.2 / math.sqrt(2))
     assert math.isclose(report.rise_spread, 0.0, abs_tol=1e-12)
+    assert math.isclose(report.within_run_error, 0.2)
     assert report.rise_exceeds_noise
     flat = [
         RunReward("a", 8, first_quarter=0.0, last_quarter=0.1, heldout_before=0, heldout_after=0),
@@ -77,6 +78,8 @@ def test_read_run_finds_the_summary_in_the_workdir_or_its_run_dir(tmp_path: Path
         run = read_run(where)
         assert (run.steps, run.first_quarter, run.last_quarter) == (4, 0.0, 1.0)
         assert (run.heldout_before, run.heldout_after) == (0.25, None)
+        # stdev of (0, 0, 1, 1) is 1/sqrt(3); a quarter of four steps is one step.
+        assert math.isclose(run.quarter_standard_error, 1 / math.sqrt(3))
     with pytest.raises(LearningError, match=r"no summary\.json"):
         read_run(tmp_path / "missing")
 

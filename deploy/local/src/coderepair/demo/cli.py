@@ -148,7 +148,8 @@ def learning(
     typer.echo(
         f"mean rise {report.mean_rise:+.3f} {verdict} the run-to-run noise of a quarter's "
         f"mean ({report.noise:.3f}); the rise itself spreads by {report.rise_spread:.3f} "
-        f"over {len(report.runs)} runs"
+        f"over {len(report.runs)} runs; within a run a quarter's mean has a standard "
+        f"error of {report.within_run_error:.3f}"
     )
 
 

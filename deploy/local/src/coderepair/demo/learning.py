@@ -11,6 +11,9 @@ of one configuration and reports:
   pooled over the first and the last quarter (the spread one quarter's figure has when
   the configuration is repeated);
 - whether the mean rise exceeds that noise (and the run-to-run spread of the rise itself);
+- a second, within-run figure that does not rest on a handful of runs: the standard error
+  of a quarter's mean from the spread of the per-step rewards (stdev / sqrt(steps in a
+  quarter)), averaged over the runs;
 - from the accepted rollouts' Parquet files (``run/objects``), the share that passed the
   tests and the share that was malformed, in the first and the last quarter of the policy
   versions that generated them: what the reward's rise is made of.
@@ -123,6 +126,8 @@ class RunReward:
     heldout_before: float | None
     heldout_after: float | None
     outcomes: Outcomes | None = None
+    quarter_standard_error: float = 0.0
+    """stdev of the per-step rewards / sqrt(steps in a quarter): within-run noise."""
 
     @property
     def rise(self) -> float:
@@ -147,7 +152,10 @@ def read_run(run_dir: Path) -> RunReward:
         isinstance(r, int | float) and math.isfinite(r) for r in rewards
     ):
         raise LearningError(f"{path} has no list of finite numbers under reward_per_step")
-    first, last = quarter_means([float(r) for r in rewards])
+    values = [float(r) for r in rewards]
+    first, last = quarter_means(values)
+    quarter = max(1, len(values) // 4)
+    step_sd = statistics.stdev(values) if len(values) > 1 else 0.0
 
     def _pass(key: str) -> float | None:
         value = summary.get(key)
@@ -161,6 +169,7 @@ def read_run(run_dir: Path) -> RunReward:
         heldout_before=_pass("heldout_pass_at_1_before"),
         heldout_after=_pass("heldout_pass_at_1_after"),
         outcomes=_read_outcomes(run_dir),
+        quarter_standard_error=step_sd / math.sqrt(quarter),
     )
 
 
@@ -174,6 +183,8 @@ class LearningReport:
     """Pooled run-to-run standard deviation of a quarter's mean reward."""
     rise_spread: float
     """Run-to-run standard deviation of the rise itself."""
+    within_run_error: float
+    """Mean over the runs of a quarter's within-run standard error."""
 
     @property
     def rise_exceeds_noise(self) -> bool:
@@ -199,6 +210,7 @@ class LearningReport:
             "mean_rise": round(self.mean_rise, 4),
             "noise": round(self.noise, 4),
             "rise_spread": round(self.rise_spread, 4),
+            "within_run_error": round(self.within_run_error, 4),
             "rise_exceeds_noise": self.rise_exceeds_noise,
         }
 
@@ -216,4 +228,5 @@ def compare(runs: Sequence[RunReward]) -> LearningReport:
         mean_rise=statistics.fmean(r.rise for r in runs),
         noise=math.sqrt((first_sd**2 + last_sd**2) / 2),
         rise_spread=statistics.stdev(r.rise for r in runs),
+        within_run_error=statistics.fmean(r.quarter_standard_error for r in runs),
     )
