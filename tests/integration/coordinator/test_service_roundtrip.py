@@ -28,6 +28,7 @@ from coderepair.coordinator.service.audit import AuditRequest, AuditResult
 from coderepair.coordinator.service.server import Coordinator
 from coderepair.coordinator.storage.objects import S3ObjectStore
 from coderepair.protocol import rpc
+from coderepair.protocol.identity import Identity
 from coderepair.v1 import admin_pb2, common_pb2, trainer_pb2, worker_pb2
 
 
@@ -143,6 +144,17 @@ async def _first_payload(
     return leased, submit_payload(leased, make_samples(leased))
 
 
+async def _two_workers_and_a_policy(
+    clients: Clients, keys: Keys, assets: dict[str, Path]
+) -> tuple[Identity, Identity]:
+    """Register workers 0 and 1 and publish version 1: (alice, bob)."""
+    alice, bob = keys.workers[0], keys.workers[1]
+    for identity in (alice, bob):
+        await clients.register(identity)
+    assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+    return alice, bob
+
+
 async def test_retry_is_stored_once(tmp_path: Path, assets: dict[str, Path], keys: Keys) -> None:
     config = make_config(tmp_path, assets, keys)
     async for _coordinator, clients in _open(config):
@@ -171,10 +183,7 @@ async def test_expired_lease_returns_tasks_to_pool(
     # Four fixture tasks, one per lease: the fifth lease must wait for an expiry.
     config = make_config(tmp_path, assets, keys, run={"lease_ttl_s": 0.5, "max_tasks_per_lease": 4})
     async for coordinator, clients in _open(config):
-        alice, bob = keys.workers[0], keys.workers[1]
-        for identity in (alice, bob):
-            await clients.register(identity)
-        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        alice, bob = await _two_workers_and_a_policy(clients, keys, assets)
         held = (await clients.lease(alice, max_tasks=4)).lease
         assert len(held.tasks) == 4
         none = await clients.lease(bob)
@@ -220,10 +229,7 @@ async def test_back_pressure_waits_for_the_trainer(
     run = {"max_tasks_per_lease": 4, "max_rollouts_ahead": 4}
     config = make_config(tmp_path, assets, keys, run=run)
     async for _coordinator, clients in _open(config):
-        alice, bob = keys.workers[0], keys.workers[1]
-        for identity in (alice, bob):
-            await clients.register(identity)
-        assert (await clients.publish(keys.trainer, assets["shards"])).accepted
+        alice, bob = await _two_workers_and_a_policy(clients, keys, assets)
         held = (await clients.lease(alice, max_tasks=4)).lease
         assert len(held.tasks) == 2, "the lease is cut to the room under the limit"
         # Free tasks remain, but the leased rollouts fill the limit.
