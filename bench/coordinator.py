@@ -271,7 +271,7 @@ def _server_main(overrides: dict[str, Any], conn: Connection, profile: str | Non
 
     async def serve() -> None:
         from coderepair.coordinator.config import load_config
-        from coderepair.coordinator.service.server import Coordinator
+        from coderepair.coordinator.service.server import Coordinator, freeze_startup_heap
 
         coordinator = Coordinator(load_config(None, overrides), seed=0)
         try:
@@ -279,6 +279,7 @@ def _server_main(overrides: dict[str, Any], conn: Connection, profile: str | Non
         except Exception as exc:
             conn.send(f"error: {type(exc).__name__}: {exc}")
             raise
+        freeze_startup_heap()  # as `Coordinator.run` (coderepair-coordinator serve) does
         conn.send(coordinator.address)
         loop = asyncio.get_running_loop()
         while True:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 
 from coderepair.coordinator.storage.db import Database, DatabaseConfigError, make_engine
 from coderepair.coordinator.storage.migrate import (
@@ -139,3 +141,41 @@ def test_write_transactions_take_the_sqlite_write_lock_up_front(tmp_path: Path) 
     finally:
         other.close()
         db.close()
+
+
+def test_writers_of_one_process_queue_for_the_sqlite_lock(tmp_path: Path) -> None:
+    """With no busy wait at all, threads of one process that write at once still all
+    commit: they queue in `Database.write`, not on SQLite's lock (where every writer
+    that found it taken would fail at once)."""
+    db = Database.open(f"sqlite:///{tmp_path / 'q.db'}", sqlite_busy_timeout_ms=0)
+    with db.write() as session:
+        session.execute(text("CREATE TABLE t (writer INTEGER, n INTEGER)"))
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def write(writer: int) -> None:
+        start.wait()
+        try:
+            for n in range(40):
+                with db.write() as session:
+                    session.execute(text("INSERT INTO t VALUES (:w, :n)"), {"w": writer, "n": n})
+                    time.sleep(0.0005)  # hold the lock while the others try for it
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with db.read() as session:
+        assert session.execute(text("SELECT count(*) FROM t")).scalar() == 160
+    # Another process's writer (here: another engine) is still refused, not queued.
+    other = Database.open(f"sqlite:///{tmp_path / 'q.db'}", sqlite_busy_timeout_ms=0)
+    with db.write() as session:
+        session.execute(text("INSERT INTO t VALUES (9, 9)"))
+        with pytest.raises(OperationalError), other.write() as second:
+            second.execute(text("INSERT INTO t VALUES (8, 8)"))
+    db.close()
+    other.close()

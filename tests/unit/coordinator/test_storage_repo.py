@@ -6,6 +6,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from coderepair.coordinator.storage import audits, repo
 from coderepair.coordinator.storage.db import Database
@@ -208,3 +210,31 @@ def test_nonces_are_remembered_until_they_expire(storage_db: Database) -> None:
     # Past expiry the pair may be used again (its envelope fails the clock check anyway).
     assert repo.remember_nonce(storage_db, signer, nonce, expires_ms=T0 + 30, now_ms=T0 + 11)
     assert repo.prune_nonces(storage_db, T0 + 25) == 1
+
+
+def _holding_the_write_lock(db: Database) -> Database:
+    """Another handle on `db`'s file whose writers give up at once on a taken lock."""
+    return Database.open(db.engine.url, sqlite_busy_timeout_ms=50)
+
+
+def test_sweeps_with_nothing_due_do_not_wait_for_the_write_lock(
+    storage_world: StorageWorld,
+) -> None:
+    db = storage_world.db
+    open_lease = _lease(storage_world, deadline=T0 + 1000)
+    assert repo.remember_nonce(db, b"\x05" * 32, b"\x06" * 16, expires_ms=T0 + 10, now_ms=T0)
+    sweeper = _holding_the_write_lock(db)
+    try:
+        with db.write() as session:  # a long commit of another writer holds the lock
+            session.execute(text("UPDATE runs SET head_cursor = head_cursor"))
+            # Nothing due: answered from a read, where a write would time out here.
+            assert repo.expire_leases(sweeper, T0 + 11) == []
+            assert repo.prune_nonces(sweeper, T0 + 5) == 0
+            # Something due: it needs the lock, and says so when it cannot have it.
+            with pytest.raises(OperationalError):
+                repo.expire_leases(sweeper, T0 + 2000)
+        expired = repo.expire_leases(sweeper, T0 + 2000)
+        assert [lease.lease_id for lease in expired] == [open_lease]
+        assert repo.prune_nonces(sweeper, T0 + 11) == 1
+    finally:
+        sweeper.close()

@@ -139,6 +139,9 @@ class TaskPool:
         self._next = 0
         self._lock = threading.Lock()
         self._leased: dict[str, str] = {}  # task_id -> lease_id (open leases)
+        # The same, per lease: a lease ending frees its tasks without a scan of all held
+        # tasks, and a resync need not re-read the tasks of leases this pool bound.
+        self._by_lease: dict[str, tuple[str, ...]] = {}
         self._reserved: dict[int, tuple[str, ...]] = {}  # token -> task ids
         self._tokens = 0
         # Generation of each bind, so a resync from an older database snapshot keeps
@@ -190,8 +193,10 @@ class TaskPool:
         with self._lock:
             self._generation += 1
             self._bound_at[lease_id] = self._generation
-            for task_id in self._reserved.pop(reservation.token, ()):
+            task_ids = self._reserved.pop(reservation.token, ())
+            for task_id in task_ids:
                 self._leased[task_id] = lease_id
+            self._by_lease[lease_id] = self._by_lease.get(lease_id, ()) + task_ids
 
     def cancel(self, reservation: Reservation) -> None:
         """The lease was not created: its tasks are free again."""
@@ -201,8 +206,14 @@ class TaskPool:
     def give_back(self, lease_id: str) -> None:
         """The lease ended: free its tasks at once (the next resync would too)."""
         with self._lock:
-            for task_id in [t for t, lease in self._leased.items() if lease == lease_id]:
-                del self._leased[task_id]
+            for task_id in self._by_lease.pop(lease_id, ()):
+                if self._leased.get(task_id) == lease_id:
+                    del self._leased[task_id]
+
+    def leases(self) -> dict[str, tuple[str, ...]]:
+        """The open leases this pool holds tasks for: lease_id -> task ids (a copy)."""
+        with self._lock:
+            return dict(self._by_lease)
 
     def generation(self) -> int:
         """Take this before reading the open leases that are passed to `resync`."""
@@ -223,5 +234,9 @@ class TaskPool:
                 if self._bound_at.get(lease_id, 0) > generation:
                     leased[task_id] = lease_id
             self._leased = leased
-            live = set(leased.values())
+            by_lease: dict[str, list[str]] = {}
+            for task_id, lease_id in leased.items():
+                by_lease.setdefault(lease_id, []).append(task_id)
+            self._by_lease = {k: tuple(v) for k, v in by_lease.items()}
+            live = set(by_lease)
             self._bound_at = {k: g for k, g in self._bound_at.items() if k in live}

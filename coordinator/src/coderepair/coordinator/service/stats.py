@@ -10,7 +10,7 @@ Each function here is one read transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,16 +262,34 @@ def list_workers(
         return list(session.scalars(query.offset(offset).limit(limit)))
 
 
-def open_lease_tasks(db: Database) -> dict[str, dict[str, list[str]]]:
-    """Open leases by run: run_id -> lease_id -> task ids (for the task pools)."""
+def open_lease_tasks(
+    db: Database, known: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """Open leases by run: run_id -> lease_id -> task ids (for the task pools).
+
+    ``known``: lease_id -> task ids the caller already has (the leases its pools bound);
+    only the other open leases' task lists are read and parsed. A lease's tasks never
+    change, and the sweep calls this every second: parsing every open lease's JSON (its
+    seeds) each time cost a busy coordinator bursts of a few hundred milliseconds.
+    """
+    known = known or {}
     out: dict[str, dict[str, list[str]]] = {}
     with db.read() as session:
-        for lease_id, run_id, tasks_json in session.execute(
-            select(Lease.lease_id, Lease.run_id, Lease.tasks_json).where(
-                Lease.state == LeaseState.OPEN
-            )
+        unknown: list[str] = []
+        for lease_id, run_id in session.execute(
+            select(Lease.lease_id, Lease.run_id).where(Lease.state == LeaseState.OPEN)
         ):
-            out.setdefault(run_id, {})[lease_id] = [t["task_id"] for t in json.loads(tasks_json)]
+            tasks = known.get(lease_id)
+            if tasks is None:
+                unknown.append(lease_id)
+            out.setdefault(run_id, {})[lease_id] = list(tasks or ())
+        for start in range(0, len(unknown), 500):
+            for lease_id, run_id, tasks_json in session.execute(
+                select(Lease.lease_id, Lease.run_id, Lease.tasks_json).where(
+                    Lease.lease_id.in_(unknown[start : start + 500])
+                )
+            ):
+                out[run_id][lease_id] = [t["task_id"] for t in json.loads(tasks_json)]
     return out
 
 

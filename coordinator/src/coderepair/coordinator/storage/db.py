@@ -26,6 +26,7 @@ SQLite specifics, applied on every new DBAPI connection:
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -180,6 +181,13 @@ class Database:
         self.dialect = dialect_of(engine)
         self._write = sessionmaker(write_engine(engine), expire_on_commit=False)
         self._read = sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one write lock, and a writer that finds it taken polls: busy_timeout
+        # sleeps 1, 2, 5, 10, 15, 20, 25 ms... between tries, so a batch's commit queued
+        # behind the sweep's writes waited in those steps, not for the lock's release.
+        # This process's writers queue here instead and start the moment it is free;
+        # busy_timeout still arbitrates between processes. Reentrant: a nested write in
+        # one thread fails as before (busy_timeout), it does not hang here.
+        self._writer = threading.RLock() if self.dialect is Dialect.SQLITE else None
 
     @classmethod
     def open(cls, url: str | URL, **engine_options: Any) -> Database:
@@ -189,7 +197,11 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A transaction that may write; committed when the block exits normally."""
-        with self._write.begin() as session:
+        if self._writer is None:
+            with self._write.begin() as session:
+                yield session
+            return
+        with self._writer, self._write.begin() as session:
             yield session
 
     @contextmanager

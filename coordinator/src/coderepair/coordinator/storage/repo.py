@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -439,10 +439,22 @@ def release_lease(db: Database, lease_id: str, worker_id: str, now_ms: int) -> b
         return False
 
 
+_DUE_LEASE = (
+    select(Lease.lease_id)
+    .where(Lease.state == LeaseState.OPEN, Lease.deadline_unix_ms < bindparam("now_ms"))
+    .limit(1)
+)
+
+
 def expire_leases(db: Database, now_ms: int, limit: int = 500) -> list[Lease]:
     """Close up to `limit` open leases whose deadline passed; return them so their tasks
     go back to the pool. Replicas may sweep at once: on PostgreSQL each lease is taken
     by one sweeper (SKIP LOCKED) and the conditional UPDATE makes it final."""
+    # Most sweeps find nothing due: a read says so without taking SQLite's one write
+    # lock, which every batch's commit waits for.
+    with db.read() as session:
+        if session.scalar(_DUE_LEASE, {"now_ms": now_ms}) is None:
+            return []
     with db.write() as session:
         due = list(
             session.scalars(
@@ -505,8 +517,18 @@ def remember_nonce(
         return bool(refreshed.rowcount == 1)  # type: ignore[attr-defined]
 
 
+_EXPIRED_NONCE = (
+    select(SeenNonce.expires_unix_ms)
+    .where(SeenNonce.expires_unix_ms < bindparam("now_ms"))
+    .limit(1)
+)
+
+
 def prune_nonces(db: Database, now_ms: int) -> int:
     """Forget nonces past their expiry; returns how many."""
+    with db.read() as session:  # as in `expire_leases`: no write lock for nothing
+        if session.scalar(_EXPIRED_NONCE, {"now_ms": now_ms}) is None:
+            return 0
     with db.write() as session:
         result = session.execute(delete(SeenNonce).where(SeenNonce.expires_unix_ms < now_ms))
         return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,38 @@
+"""The database reads behind the coordinator's task pools (`service.stats`), on SQLite."""
+
+from __future__ import annotations
+
+from storage_support import T0, StorageWorld
+
+from coderepair.coordinator.service.stats import open_lease_tasks
+from coderepair.coordinator.storage import repo
+
+
+def _lease(world: StorageWorld, n_tasks: int) -> str:
+    return repo.create_lease(
+        world.db,
+        run_id="r1",
+        worker_id=world.alice.worker_id,
+        policy_version=0,
+        tasks=[repo.LeaseTask(f"t{i}", [10 * i + j for j in range(4)]) for i in range(n_tasks)],
+        issued_ms=T0,
+        deadline_ms=T0 + 1000,
+    ).lease_id
+
+
+def test_open_lease_tasks_reads_only_the_leases_the_caller_does_not_know(
+    storage_world: StorageWorld,
+) -> None:
+    db = storage_world.db
+    first, second, closed = (
+        _lease(storage_world, 2),
+        _lease(storage_world, 1),
+        _lease(storage_world, 1),
+    )
+    repo.release_lease(db, closed, storage_world.alice.worker_id, T0 + 1)
+    assert open_lease_tasks(db) == {"r1": {first: ["t0", "t1"], second: ["t0"]}}
+    # A known lease's tasks come from the caller, as given (its row is not parsed); a
+    # known lease that is no longer open is left out; an unknown one is read from its row.
+    known = {first: ["mine"], closed: ["t0"]}
+    assert open_lease_tasks(db, known) == {"r1": {first: ["mine"], second: ["t0"]}}
+    assert open_lease_tasks(db, {first: [], second: []}) == {"r1": {first: [], second: []}}
