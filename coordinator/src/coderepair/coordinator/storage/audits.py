@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from coderepair.coordinator.storage.db import Database, Dialect
@@ -365,6 +366,20 @@ def unban_worker(db: Database, worker_id: str, now_ms: int) -> Worker:
         return worker
 
 
+_BATCHES = cast(Table, Batch.__table__)
+_CREDIT = cast(Table, CreditEntry.__table__)
+_WORKERS = cast(Table, Worker.__table__)
+_GRANT = (
+    update(_WORKERS)
+    .where(_WORKERS.c.worker_id == bindparam("b_worker_id"))
+    .values(
+        credit_pending=_WORKERS.c.credit_pending - bindparam("n_tokens"),
+        credit_granted=_WORKERS.c.credit_granted + bindparam("n_tokens"),
+        valid_streak=_WORKERS.c.valid_streak + bindparam("n_batches"),
+    )
+)
+
+
 def close_audit_windows(
     db: Database,
     *,
@@ -410,38 +425,57 @@ def close_audit_windows(
             _queue_vouching_audits(
                 session, closed, kinds=audit_kinds, now_ms=now_ms, window_ms=window_ms, limit=limit
             )
+        if not candidates:
+            return []
         for worker_id in sorted({w for _, w in candidates}):
             _lock_worker(session, worker_id)
-        accepted: list[str] = []
-        for batch_id, _ in candidates:
-            moved = session.execute(
-                update(Batch)
-                .where(Batch.batch_id == batch_id, Batch.state == BatchState.PENDING_AUDIT)
+        # A few statements for the whole sweep, not a few per batch: the sweep holds the
+        # write lock meanwhile, and every batch being submitted waits for it (one
+        # statement per batch held it for tens of milliseconds under load).
+        connection = session.connection()
+        accepted = list(
+            connection.execute(
+                update(_BATCHES)
+                .where(
+                    _BATCHES.c.batch_id.in_([batch_id for batch_id, _ in candidates]),
+                    _BATCHES.c.state == BatchState.PENDING_AUDIT,
+                )
                 .values(state=BatchState.ACCEPTED, decided_unix_ms=now_ms)
+                .returning(_BATCHES.c.batch_id)
+            ).scalars()
+        )
+        if not accepted:
+            return []
+        batches = list(
+            session.scalars(
+                select(Batch)
+                .where(Batch.batch_id.in_(accepted))
+                .execution_options(populate_existing=True)
             )
-            if moved.rowcount == 1:  # type: ignore[attr-defined]
-                accepted.append(batch_id)
-        batches = list(session.scalars(select(Batch).where(Batch.batch_id.in_(accepted))))
+        )
+        grants: dict[str, list[int]] = {}  # worker_id -> [tokens, batches]
         for batch in batches:
-            session.execute(
-                update(Worker)
-                .where(Worker.worker_id == batch.worker_id)
-                .values(
-                    credit_pending=Worker.credit_pending - batch.n_tokens,
-                    credit_granted=Worker.credit_granted + batch.n_tokens,
-                    valid_streak=Worker.valid_streak + 1,
-                )
-            )
-            session.add(
-                CreditEntry(
-                    worker_id=batch.worker_id,
-                    batch_id=batch.batch_id,
-                    kind=CreditKind.GRANT,
-                    pending_delta=-batch.n_tokens,
-                    granted_delta=batch.n_tokens,
-                    created_unix_ms=now_ms,
-                )
-            )
+            tally = grants.setdefault(batch.worker_id, [0, 0])
+            tally[0] += batch.n_tokens
+            tally[1] += 1
+        connection.execute(
+            _GRANT,
+            [{"b_worker_id": w, "n_tokens": n, "n_batches": k} for w, (n, k) in grants.items()],
+        )
+        connection.execute(
+            insert(_CREDIT),
+            [
+                {
+                    "worker_id": batch.worker_id,
+                    "batch_id": batch.batch_id,
+                    "kind": CreditKind.GRANT,
+                    "pending_delta": -batch.n_tokens,
+                    "granted_delta": batch.n_tokens,
+                    "created_unix_ms": now_ms,
+                }
+                for batch in batches
+            ],
+        )
         return batches
 
 
