@@ -72,3 +72,17 @@ def storage_db(tmp_path: Path) -> Iterator[Database]:
 def storage_world(storage_db: Database) -> StorageWorld:
     """`make_world` in `storage_db`."""
     return make_world(storage_db)
+
+
+def make_lease(world: StorageWorld, *, deadline: int = T0 + 1000, n_tasks: int = 1) -> str:
+    """An open lease of alice on run r1 with tasks t0..t{n-1} (seeds 10i..10i+3)."""
+    lease = repo.create_lease(
+        world.db,
+        run_id="r1",
+        worker_id=world.alice.worker_id,
+        policy_version=0,
+        tasks=[repo.LeaseTask(f"t{i}", [10 * i + j for j in range(4)]) for i in range(n_tasks)],
+        issued_ms=T0,
+        deadline_ms=deadline,
+    )
+    return lease.lease_id

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from storage_support import make_lease
 
 from coderepair.coordinator.storage import audits, repo
 from coderepair.coordinator.storage.db import Database
@@ -123,21 +124,8 @@ def test_timed_ban_ends_by_itself_with_the_streak_reset(storage_world: StorageWo
         repo.touch_worker(db, "0" * 16, T0)
 
 
-def _lease(world: StorageWorld, *, deadline: int = T0 + 1000, n_tasks: int = 1) -> str:
-    lease = repo.create_lease(
-        world.db,
-        run_id="r1",
-        worker_id=world.alice.worker_id,
-        policy_version=0,
-        tasks=[repo.LeaseTask(f"t{i}", [10 * i + j for j in range(4)]) for i in range(n_tasks)],
-        issued_ms=T0,
-        deadline_ms=deadline,
-    )
-    return lease.lease_id
-
-
 def test_lease_round_trips_its_tasks_and_seeds(storage_world: StorageWorld) -> None:
-    lease_id = _lease(storage_world, n_tasks=2)
+    lease_id = make_lease(storage_world, n_tasks=2)
     lease = repo.get_lease(storage_world.db, lease_id)
     assert lease is not None and lease.state is LeaseState.OPEN
     assert repo.lease_tasks(lease) == [
@@ -164,12 +152,12 @@ def test_lease_refuses_wrong_seed_counts_bad_deadlines_and_banned_workers(
         repo.create_lease(db, **kwargs, tasks=[], issued_ms=T0, deadline_ms=T0 + 1)
     audits.ban_worker(db, alice.worker_id, reason="x", until_ms=None, void_pending=False, now_ms=T0)
     with pytest.raises(WorkerBannedError):
-        _lease(storage_world)
+        make_lease(storage_world)
 
 
 def test_release_is_idempotent_and_only_for_the_owner(storage_world: StorageWorld) -> None:
     db = storage_world.db
-    lease_id = _lease(storage_world)
+    lease_id = make_lease(storage_world)
     with pytest.raises(NotFoundError):
         repo.release_lease(db, lease_id, storage_world.bob.worker_id, T0 + 1)
     assert repo.release_lease(db, lease_id, storage_world.alice.worker_id, T0 + 1) is True
@@ -180,9 +168,9 @@ def test_release_is_idempotent_and_only_for_the_owner(storage_world: StorageWorl
 
 def test_expiry_sweep_closes_only_leases_past_their_deadline(storage_world: StorageWorld) -> None:
     db = storage_world.db
-    early = _lease(storage_world, deadline=T0 + 10)
-    late = _lease(storage_world, deadline=T0 + 1000)
-    released = _lease(storage_world, deadline=T0 + 10)
+    early = make_lease(storage_world, deadline=T0 + 10)
+    late = make_lease(storage_world, deadline=T0 + 1000)
+    released = make_lease(storage_world, deadline=T0 + 10)
     repo.release_lease(db, released, storage_world.alice.worker_id, T0 + 1)
     expired = repo.expire_leases(db, T0 + 11)
     assert [lease.lease_id for lease in expired] == [early]
@@ -194,7 +182,7 @@ def test_expiry_sweep_closes_only_leases_past_their_deadline(storage_world: Stor
 
 def test_ban_revokes_open_leases(storage_world: StorageWorld) -> None:
     db = storage_world.db
-    lease_id = _lease(storage_world)
+    lease_id = make_lease(storage_world)
     audits.ban_worker(
         db, storage_world.alice.worker_id, reason="x", until_ms=None, void_pending=False, now_ms=T0
     )
@@ -221,7 +209,7 @@ def test_sweeps_with_nothing_due_do_not_wait_for_the_write_lock(
     storage_world: StorageWorld,
 ) -> None:
     db = storage_world.db
-    open_lease = _lease(storage_world, deadline=T0 + 1000)
+    open_lease = make_lease(storage_world, deadline=T0 + 1000)
     assert repo.remember_nonce(db, b"\x05" * 32, b"\x06" * 16, expires_ms=T0 + 10, now_ms=T0)
     sweeper = _holding_the_write_lock(db)
     try:

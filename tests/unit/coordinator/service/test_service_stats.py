@@ -8,18 +8,6 @@ from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.storage import repo
 
 
-def _lease(world: StorageWorld, n_tasks: int) -> str:
-    return repo.create_lease(
-        world.db,
-        run_id="r1",
-        worker_id=world.alice.worker_id,
-        policy_version=0,
-        tasks=[repo.LeaseTask(f"t{i}", [10 * i + j for j in range(4)]) for i in range(n_tasks)],
-        issued_ms=T0,
-        deadline_ms=T0 + 1000,
-    ).lease_id
-
-
 def test_open_lease_tasks_reads_only_the_leases_the_caller_does_not_know(
     storage_world: StorageWorld,
 ) -> None:
