@@ -13,9 +13,9 @@ def test_open_lease_tasks_reads_only_the_leases_the_caller_does_not_know(
 ) -> None:
     db = storage_world.db
     first, second, closed = (
-        _lease(storage_world, 2),
-        _lease(storage_world, 1),
-        _lease(storage_world, 1),
+        make_lease(storage_world, n_tasks=2),
+        make_lease(storage_world),
+        make_lease(storage_world),
     )
     repo.release_lease(db, closed, storage_world.alice.worker_id, T0 + 1)
     assert open_lease_tasks(db) == {"r1": {first: ["t0", "t1"], second: ["t0"]}}
