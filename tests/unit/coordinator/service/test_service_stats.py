@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage_support import T0, StorageWorld
+from storage_support import T0, StorageWorld, make_lease
 
 from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.storage import repo
