@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -333,3 +334,23 @@ def test_reward_is_bounded_and_reproducible(spec: RewardSpec, outcome: Verificat
         VerificationOutcome.from_mapping(json.loads(outcome.model_dump_json())),
     )
     assert again == reward
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=6))
+def test_clamped_total_is_the_exact_sum_clamped_even_when_it_overflows(terms: list[float]) -> None:
+    spec = RewardSpec()
+    total = spec.clamped_total(terms)
+    assert spec.min_reward <= total <= spec.max_reward
+    exact = sum(map(Fraction, terms), Fraction(0))
+    assert total == _clamp(exact, spec)
+
+
+def _clamp(exact: Fraction, spec: RewardSpec) -> float:
+    return float(min(Fraction(spec.max_reward), max(Fraction(spec.min_reward), exact)))
+
+
+def test_finite_terms_whose_sum_overflows_clamp_like_their_infinity() -> None:
+    spec = RewardSpec()
+    assert spec.clamped_total([1.7e308, 1.7e308]) == spec.max_reward
+    assert spec.clamped_total([-1.7e308, -1.7e308, 1.0]) == spec.min_reward

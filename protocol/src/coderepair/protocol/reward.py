@@ -35,6 +35,7 @@ import difflib
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -202,6 +203,17 @@ class RewardSpec(BaseModel):
     def max_reward(self) -> float:
         """The highest total any outcome can get (passing every test, within budget)."""
         return self.pass_reward
+
+    def clamped_total(self, terms: Iterable[float]) -> float:
+        """What reward terms a worker reports add up to: their exact sum, clamped to
+        [min_reward, max_reward]. Finite terms whose sum overflows clamp like the
+        infinity they sum to (math.fsum raises on them; a worker can send them)."""
+        values = list(terms)
+        try:
+            exact = math.fsum(values)
+        except OverflowError:
+            exact = sum(values)  # +-inf: once a partial sum overflows it stays there
+        return min(self.max_reward, max(self.min_reward, exact))
 
     def canonical_json(self) -> str:
         """The hashed form: sorted keys, no spaces, shortest float reprs, a domain tag."""

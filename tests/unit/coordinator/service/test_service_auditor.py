@@ -114,9 +114,9 @@ def _record(n_tokens: int) -> RolloutRecord:
 def test_submit_counters_count_each_batch_once(ctx: ServiceContext) -> None:
     registry = ctx.metrics.registry
     accepted = worker_pb2.SubmitRolloutsResponse(accepted=True, batch_id="b")
-    ctx.record_submit(accepted, 0.01, [_record(3), _record(4)])
+    ctx.record_submit(accepted, 0.01, rollouts=2, tokens=7)
     replay = worker_pb2.SubmitRolloutsResponse(accepted=True, replayed_response=True)
-    ctx.record_submit(replay, 0.01, [_record(3)])
+    ctx.record_submit(replay, 0.01, rollouts=1, tokens=3)
     refused = worker_pb2.SubmitRolloutsResponse(
         rejection=common_pb2.Rejection(reason=R.REJECTION_REASON_DUPLICATE)
     )

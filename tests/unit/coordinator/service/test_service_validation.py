@@ -7,6 +7,7 @@ import contextlib
 import math
 import random
 from dataclasses import fields
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,17 +17,25 @@ from coderepair.coordinator.config import AuditConfig
 from coderepair.coordinator.service.audit import AuditRequest, ConsistencyAuditor
 from coderepair.coordinator.service.gate import Refusal
 from coderepair.coordinator.service.validation import (
+    CheckedBatch,
     LeaseView,
     audit_probability,
     check_batch,
     check_policy_window,
     should_audit,
 )
+from coderepair.coordinator.service.wire import SubmitView, encode_ids
+from coderepair.coordinator.storage.batches import completion_digest
 from coderepair.coordinator.storage.models import AuditKind, Lease, LeaseState
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
 from coderepair.protocol.reward import RewardSpec
-from coderepair.protocol.rollout import RolloutRecord, RolloutSchemaError
+from coderepair.protocol.rollout import (
+    RolloutRecord,
+    RolloutSchemaError,
+    _table,
+    from_parquet_bytes,
+)
 from coderepair.v1 import common_pb2, worker_pb2
 
 SPEC = RewardSpec()
@@ -73,24 +82,93 @@ def _payload() -> worker_pb2.SubmitPayload:
 
 
 def _check(payload: worker_pb2.SubmitPayload) -> list[object]:
-    return list(
-        check_batch(
-            payload,
-            _view(),
-            run_id="r1",
-            worker_key_hex="b" * 64,
-            group_size=2,
-            max_new_tokens=8,
-            reward_spec=SPEC,
-            reward_spec_hash=SPEC.spec_hash(),
-            now_ms=5,
-        )
+    return list(_check_batch(payload).records())
+
+
+def _check_batch(payload: worker_pb2.SubmitPayload | Any) -> CheckedBatch:
+    """The payload as the coordinator reads it (through the wire view), checked."""
+    if isinstance(payload, worker_pb2.SubmitPayload):
+        payload = SubmitView.FromString(payload.SerializeToString())
+    return check_batch(
+        payload,
+        _view(),
+        run_id="r1",
+        worker_key_hex="b" * 64,
+        group_size=2,
+        max_new_tokens=8,
+        reward_spec=SPEC,
+        reward_spec_hash=SPEC.spec_hash(),
+        now_ms=5,
     )
 
 
 def test_a_valid_batch_becomes_records() -> None:
     records = _check(_payload())
     assert len(records) == 2
+
+
+def _wire_view() -> Any:
+    return SubmitView.FromString(_payload().SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("field", "data", "match"),
+    [
+        ("completion_token_ids", b"\x01\x80", "ends inside a varint"),
+        ("completion_token_ids", b"\x80\x80\x80\x80\x80\x01", "a uint32 takes at most 5"),
+        ("completion_token_ids", encode_ids([1, 1 << 31, 3]), "an id above"),
+        ("behaviour_logprobs", b"\x00" * 11, "11 bytes, not whole floats"),
+        ("behaviour_logprobs", b"\x00" * 8, "has 2 behaviour logprobs for 3 tokens"),
+        ("prompt_token_ids", b"\x05\x06\x87\x80", "ends inside a varint|differ"),
+        ("prompt_token_ids", encode_ids([5, 6]), "prompt_token_ids differ"),
+    ],
+)
+def test_token_fields_the_wire_view_reads_are_refused_when_malformed(
+    field: str, data: bytes, match: str
+) -> None:
+    view = _wire_view()
+    setattr(view.samples[1], field, data)
+    with pytest.raises(Refusal, match=match) as info:
+        _check_batch(view)
+    assert (info.value.reason_name, info.value.sample_index) == ("STRUCTURAL", 1)
+
+
+def test_a_prompt_in_longer_varints_than_needed_is_the_same_prompt() -> None:
+    # protobuf reads 0x85 0x00 as 5; so does the check, though the bytes differ.
+    view = _wire_view()
+    view.samples[0].prompt_token_ids = b"\x85\x00\x06\x87\x80\x00"
+    assert _check_batch(view).records()[0].prompt_ids == PROMPT
+
+
+_TOKENS = st.lists(
+    st.tuples(
+        st.integers(0, (1 << 31) - 1), st.floats(max_value=0.0, width=32, allow_infinity=False)
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(_TOKENS, _TOKENS))
+def test_the_columns_encode_as_their_records_do(tokens: tuple[list[Any], list[Any]]) -> None:
+    """The Parquet file built from the batch's numpy columns is the one its records
+    give, and the digests are `completion_digest` of each record."""
+    payload = _payload()
+    for sample, pairs in zip(payload.samples, tokens, strict=True):
+        sample.completion_token_ids[:] = [i for i, _ in pairs]
+        sample.behaviour_logprobs[:] = [lp for _, lp in pairs]
+    batch = _check_batch(payload)
+    records = batch.records()
+    for record, sample in zip(records, payload.samples, strict=True):
+        assert record.completion_ids == list(sample.completion_token_ids)
+        assert record.behaviour_logprobs == list(sample.behaviour_logprobs)
+        _full_check(record)
+    assert batch.table().equals(_table(records))
+    assert from_parquet_bytes(batch.parquet_bytes()) == records
+    assert batch.digests() == [completion_digest(r.task_id, r.completion_ids) for r in records]
+    assert batch.lengths() == [len(r.completion_ids) for r in records]
+    assert batch.n_tokens == sum(batch.lengths())
 
 
 @pytest.mark.parametrize(
@@ -160,7 +238,10 @@ def _set_components(sample: common_pb2.RolloutSample, components: dict[str, floa
     sample.reward_components.clear()
     sample.reward_components.update(components)
     # The reward a worker would report for them, so that this check does not hide others.
-    total = math.fsum(components.values()) if components else 0.0
+    try:
+        total = math.fsum(components.values()) if components else 0.0
+    except OverflowError:  # finite terms, infinite sum: the check must refuse it
+        total = math.inf
     if math.isfinite(total):
         sample.reward = min(SPEC.pass_reward, max(SPEC.malformed_reward, total))
 

@@ -162,7 +162,7 @@ def _reward_problem(record: RolloutRecord, spec: RewardSpec) -> tuple[str | None
                 f"length_penalty should be {expected} for {len(record.completion_ids)} tokens",
                 0.0,
             )
-    total = min(spec.pass_reward, max(spec.malformed_reward, math.fsum(components.values())))
+    total = spec.clamped_total(components.values())
     delta = abs(total - record.reward)
     if delta > _TOLERANCE * max(1.0, abs(total)):
         return f"reward {record.reward} differs from its terms' total {total}", delta

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -31,7 +31,6 @@ from coderepair.coordinator.service.scheduler import TaskPool
 from coderepair.coordinator.storage.db import Database
 from coderepair.coordinator.storage.objects import ObjectStore
 from coderepair.protocol.reward import RewardSpec
-from coderepair.protocol.rollout import RolloutRecord
 from coderepair.v1 import common_pb2, worker_pb2
 
 __all__ = ["RunState", "ServiceContext", "wall_clock_ms"]
@@ -101,11 +100,14 @@ class ServiceContext:
         self,
         response: worker_pb2.SubmitRolloutsResponse,
         seconds: float,
-        records: Sequence[RolloutRecord] = (),
+        *,
+        rollouts: int = 0,
+        tokens: int = 0,
     ) -> None:
         """Count one answered SubmitRollouts on `metrics`.
 
-        ``records``: the batch's rollouts when it was accepted. A replayed answer (a
+        ``rollouts``, ``tokens``: the batch's rollouts and completion tokens when it
+        was accepted. A replayed answer (a
         retry of a batch stored before) was counted the first time and is not counted
         again; an answer without a reason counts as an error, never as a bad label.
         """
@@ -114,8 +116,8 @@ class ServiceContext:
         if response.accepted:
             self.metrics.record_accepted(
                 seconds=seconds,
-                rollouts=len(records),
-                tokens=sum(len(r.completion_ids) for r in records),
+                rollouts=rollouts,
+                tokens=tokens,
             )
             return
         reason = common_pb2.RejectionReason.Name(response.rejection.reason)

@@ -265,11 +265,15 @@ class EnvelopeGate:
         return pending.signer, _decode(payload, payload_type)
 
     def open_deferred(
-        self, request: _message.Message, method: str
+        self, request: _message.Message, method: str, view: Any = None
     ) -> tuple[bytes, Any, PendingNonce]:
-        """Like `open`, but the nonce is the caller's to record (module docstring)."""
+        """Like `open`, but the nonce is the caller's to record (module docstring).
+
+        ``view``: a message type to parse the payload as instead of the method's own,
+        one with the same fields read another way (`wire.SubmitView`).
+        """
         payload_type, payload, pending = self._verify(request, method)
-        return pending.signer, _decode(payload, payload_type), pending
+        return pending.signer, _decode(payload, view or payload_type), pending
 
     def _verify(self, request: _message.Message, method: str) -> tuple[Any, bytes, PendingNonce]:
         """Size, envelope, purpose, clock, signature, in-process nonce cache."""

@@ -2,8 +2,9 @@
 
 `check_batch` is the first stage of the pipeline (DESIGN.md, "Trust and validation"):
 pure checks of a `SubmitPayload` against the lease it answers, the run and its task
-pool, with no I/O. It returns the batch as `RolloutRecord`s (which validate themselves
-again) or raises `Refusal` naming the stage, and the task and sample it is about.
+pool, with no I/O. It reads the payload through `wire.SubmitView` and returns the
+batch as columns (`CheckedBatch`, whose token columns are numpy buffers), or raises
+`Refusal` naming the stage, and the task and sample it is about.
 Lease ownership, expiry and the policy window are checked here for a clear message and
 again inside `record_batch`'s transaction, which is what makes them race-free.
 
@@ -19,18 +20,31 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from coderepair.coordinator.config import AuditConfig
 from coderepair.coordinator.service.gate import Refusal
+from coderepair.coordinator.service.wire import VarintError, decode_varints, encode_ids
+from coderepair.coordinator.storage.batches import packed_completion_digest
 from coderepair.coordinator.storage.models import Lease, LeaseState
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
 from coderepair.protocol.reward import RewardSpec
-from coderepair.protocol.rollout import RolloutRecord, RolloutSchemaError
-from coderepair.v1 import common_pb2, worker_pb2
+from coderepair.protocol.rollout import (
+    ROLLOUT_SCHEMA,
+    RolloutRecord,
+    rollout_table,
+    shared_prompts,
+    table_parquet_bytes,
+)
+from coderepair.v1 import common_pb2
 
 __all__ = [
     "IDEMPOTENCY_KEY_RE",
+    "CheckedBatch",
     "LeaseView",
     "audit_probability",
     "check_batch",
@@ -65,7 +79,7 @@ def _structural(message: str, *, task_id: str | None = None, index: int | None =
     return Refusal(R.REJECTION_REASON_STRUCTURAL, message, task_id=task_id, sample_index=index)
 
 
-def check_envelope_fields(payload: worker_pb2.SubmitPayload) -> None:
+def check_envelope_fields(payload: Any) -> None:
     """Checks that need nothing but the payload."""
     if not payload.lease_id or len(payload.lease_id) > 64:
         raise _structural("lease_id must be 1 to 64 characters: copy it from the lease")
@@ -126,14 +140,19 @@ def check_policy_window(version: int, latest: int, max_lag: int) -> None:
         )
 
 
-def _check_sample(
-    sample: common_pb2.RolloutSample, seeds: Sequence[int], prompt: list[int], max_new: int
-) -> tuple[list[int], list[float]]:
-    """Checks of one sample's own fields; returns its completion ids and logprobs as
-    lists (the record holds them: each repeated field is converted once, and the checks
-    run over the lists, where max() and sum() are C loops over plain objects; over the
-    protobuf containers the same checks cost twice as much)."""
-    # `prompt` is a list: a protobuf repeated field compares equal to a list, not a tuple.
+def _check_sample(  # noqa: PLR0917  (one sample's checks, in the order they run)
+    sample: Any,
+    seeds: Sequence[int],
+    prompt: bytes,
+    prompt_ids: list[int],
+    n: int,
+    n_logprobs: int,
+    max_new: int,
+    tokens: _TokenChecks,
+    row: int,
+) -> None:
+    """Checks of one sample's own fields; its token columns were decoded and scanned
+    for the whole batch at once (`_TokenChecks`), and are looked up here by `row`."""
     task_id, index = sample.task_id, sample.sample_index
 
     def fail(message: str) -> Refusal:
@@ -143,24 +162,20 @@ def _check_sample(
 
     if sample.seed != seeds[index]:
         raise fail("seed differs from the lease's: use seeds[sample_index] of the lease")
-    if sample.prompt_token_ids != prompt:
+    # Equal packed bytes are equal ids; unequal bytes can still be equal ids written
+    # with longer varints than needed, which only the slow comparison can tell.
+    if sample.prompt_token_ids != prompt and not _same_ids(sample.prompt_token_ids, prompt_ids):
         raise fail("prompt_token_ids differ from the lease's: feed the engine the lease's ids")
-    completion = list(sample.completion_token_ids)
-    n = len(completion)
     if not 1 <= n <= max_new:
         raise fail(f"has {n} completion tokens; the lease allows 1 to {max_new}")
-    if max(completion) > MAX_TOKEN_ID:
+    if tokens.id_too_large[row]:
         raise fail(f"completion_token_ids hold an id above {MAX_TOKEN_ID}: not a token id")
     if not _HEX64.fullmatch(sample.test_log_sha256):
         raise fail("test_log_sha256 must be 64 lowercase hex digits (the log's sha256)")
-    logprobs = list(sample.behaviour_logprobs)  # doubles: floats
-    if len(logprobs) != n:
-        raise fail(f"has {len(logprobs)} behaviour logprobs for {n} tokens: one each")
-    # C loops: this runs for every token the coordinator ingests. A NaN or an infinity
-    # makes the (double) sum non-finite, and float32 values cannot overflow it; the exact
-    # scan runs only to name the bad value.
-    if not (math.isfinite(sum(logprobs)) and max(logprobs) <= _LOGPROB_SLACK):
-        bad = next(lp for lp in logprobs if not math.isfinite(lp) or lp > _LOGPROB_SLACK)
+    if n_logprobs != n:
+        raise fail(f"has {n_logprobs} behaviour logprobs for {n} tokens: one each")
+    if tokens.bad_logprob[row]:
+        bad = tokens.first_bad_logprob(row)
         raise fail(f"behaviour logprob {bad} is not a finite number <= 0")
     if len(sample.completion_text) > MAX_TEXT_CHARS or len(sample.patch) > MAX_TEXT_CHARS:
         raise fail(f"completion_text and patch are limited to {MAX_TEXT_CHARS} characters")
@@ -173,7 +188,86 @@ def _check_sample(
         )
     if sample.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
         raise fail("finish_reason is unset: say STOP or LENGTH")
-    return completion, logprobs
+
+
+def _same_ids(packed: bytes, ids: list[int]) -> bool:
+    try:
+        values, _ = decode_varints(packed)
+    except VarintError:
+        return False
+    return bool(values.tolist() == ids)
+
+
+@dataclass(frozen=True)
+class _TokenChecks:
+    """The batch's completion ids and logprobs, decoded and scanned in one pass each."""
+
+    ids: np.ndarray  # uint64, every sample's ids end to end
+    id_offsets: np.ndarray  # sample i's ids are ids[id_offsets[i]:id_offsets[i + 1]]
+    logprobs: np.ndarray  # float32, likewise
+    logprob_offsets: np.ndarray
+    id_too_large: list[bool]
+    bad_logprob: list[bool]
+
+    @classmethod
+    def scan(cls, samples: Sequence[Any]) -> _TokenChecks:
+        id_blobs = [s.completion_token_ids for s in samples]
+        lp_blobs = [s.behaviour_logprobs for s in samples]
+        for sample, ids, lps in zip(samples, id_blobs, lp_blobs, strict=True):
+            # What the real parser refuses outright: a cut-off varint, a partial float.
+            if ids and ids[-1] >= 0x80:
+                raise _wire(sample, "completion_token_ids ends inside a varint")
+            if len(lps) % 4:
+                raise _wire(sample, f"behaviour_logprobs is {len(lps)} bytes, not whole floats")
+        try:
+            ids, last_bytes = decode_varints(b"".join(id_blobs))
+        except VarintError as exc:
+            bad = next(s for s, blob in zip(samples, id_blobs, strict=True) if _cannot_decode(blob))
+            raise _wire(bad, f"completion_token_ids: {exc}") from exc
+        byte_offsets = np.zeros(len(samples) + 1, np.int64)
+        np.cumsum([len(b) for b in id_blobs], out=byte_offsets[1:])
+        id_offsets = np.searchsorted(last_bytes, byte_offsets)
+        logprobs = np.frombuffer(b"".join(lp_blobs), "<f4")
+        logprob_offsets = np.zeros(len(samples) + 1, np.int64)
+        np.cumsum([len(b) // 4 for b in lp_blobs], out=logprob_offsets[1:])
+        bad = ~np.isfinite(logprobs) | (logprobs > _LOGPROB_SLACK)
+        return cls(
+            ids=ids,
+            id_offsets=id_offsets,
+            logprobs=logprobs,
+            logprob_offsets=logprob_offsets,
+            id_too_large=_any_per_row(ids > MAX_TOKEN_ID, id_offsets),
+            bad_logprob=_any_per_row(bad, logprob_offsets),
+        )
+
+    def first_bad_logprob(self, row: int) -> float:
+        values = self.logprobs[self.logprob_offsets[row] : self.logprob_offsets[row + 1]]
+        bad = ~np.isfinite(values) | (values > _LOGPROB_SLACK)
+        return float(values[np.flatnonzero(bad)[0]])
+
+
+def _any_per_row(flags: np.ndarray, offsets: np.ndarray) -> list[bool]:
+    counts = np.zeros(flags.size + 1, np.int64)
+    np.cumsum(flags, out=counts[1:])
+    hits: list[bool] = (counts[offsets[1:]] > counts[offsets[:-1]]).tolist()
+    return hits
+
+
+def _cannot_decode(blob: bytes) -> bool:
+    try:
+        decode_varints(blob)
+    except VarintError:
+        return True
+    return False
+
+
+def _wire(sample: Any, message: str) -> Refusal:
+    task_id, index = sample.task_id, sample.sample_index
+    return _structural(
+        f"task {task_id} sample {index}: {message}: encode the sample with protobuf",
+        task_id=task_id,
+        index=index,
+    )
 
 
 def _check_reward(sample: common_pb2.RolloutSample, spec: RewardSpec) -> None:
@@ -198,7 +292,7 @@ def _check_reward(sample: common_pb2.RolloutSample, spec: RewardSpec) -> None:
             task_id=task_id,
             index=index,
         )
-    total = min(spec.pass_reward, max(spec.malformed_reward, math.fsum(components.values())))
+    total = spec.clamped_total(components.values())
     if abs(total - reward) > _REWARD_TOLERANCE * max(1.0, abs(reward)):
         raise _structural(
             f"task {task_id} sample {index}: reward {reward} is not the clamped sum of its "
@@ -209,7 +303,7 @@ def _check_reward(sample: common_pb2.RolloutSample, spec: RewardSpec) -> None:
 
 
 def check_batch(
-    payload: worker_pb2.SubmitPayload,
+    payload: Any,
     view: LeaseView,
     *,
     run_id: str,
@@ -219,9 +313,12 @@ def check_batch(
     reward_spec: RewardSpec,
     reward_spec_hash: str,
     now_ms: int,
-) -> list[RolloutRecord]:
-    """The batch as rollout records, or `Refusal`. Exactly group_size samples per task
-    of the lease, indices 0..G-1 each, seeds and prompts as leased, sizes in limits."""
+) -> CheckedBatch:
+    """The batch, checked, as columns, or `Refusal`. Exactly group_size samples per task
+    of the lease, indices 0..G-1 each, seeds and prompts as leased, sizes in limits.
+
+    `payload` is a `wire.SubmitView` (the coordinator parses submissions with it).
+    """
     lease = view.lease
     if payload.policy_version != lease.policy_version:
         raise Refusal(
@@ -231,17 +328,22 @@ def check_batch(
             "lease's version",
         )
     seeds = {t.task_id: t.seeds for t in view.tasks}
+    samples = payload.samples
     expected = len(seeds) * group_size
-    if len(payload.samples) != expected:
+    if len(samples) != expected:
         raise _structural(
-            f"the batch has {len(payload.samples)} samples; lease {lease.lease_id} has "
+            f"the batch has {len(samples)} samples; lease {lease.lease_id} has "
             f"{len(seeds)} task(s) x group size {group_size} = {expected}"
         )
-    # One list per task, shared by its G records: compared to each sample's ids as is.
+    # One list per task, shared by its G rows (Parquet converts it once).
     prompts = {task_id: list(view.prompts[task_id]) for task_id in seeds}
+    packed = {task_id: encode_ids(ids) for task_id, ids in prompts.items()}
+    tokens = _TokenChecks.scan(samples)
+    n_ids = np.diff(tokens.id_offsets).tolist()
+    n_logprobs = np.diff(tokens.logprob_offsets).tolist()
     seen: set[tuple[str, int]] = set()
-    records = []
-    for sample in payload.samples:
+    rows: dict[str, list[Any]] = {name: [] for name in _ROW_COLUMNS}
+    for row, sample in enumerate(samples):
         task_id, index = sample.task_id, sample.sample_index
         if task_id not in seeds:
             raise _structural(
@@ -256,45 +358,142 @@ def check_batch(
                 index=index,
             )
         seen.add((task_id, index))
-        completion, logprobs = _check_sample(
-            sample, seeds[task_id], prompts[task_id], max_new_tokens
+        _check_sample(
+            sample,
+            seeds[task_id],
+            packed[task_id],
+            prompts[task_id],
+            n_ids[row],
+            n_logprobs[row],
+            max_new_tokens,
+            tokens,
+            row,
         )
         _check_reward(sample, reward_spec)
         timings = sample.timings
-        try:
-            # Every field checked above, or the lease's, the run's or the signer's.
-            records.append(
-                RolloutRecord.prechecked(
-                    task_id=task_id,
-                    lease_id=lease.lease_id,
-                    run_id=run_id,
-                    worker_key=worker_key_hex,
-                    policy_version=int(payload.policy_version),
-                    sample_index=int(index),
-                    seed=int(sample.seed),
-                    prompt_ids=prompts[task_id],
-                    completion_ids=completion,
-                    behaviour_logprobs=logprobs,
-                    completion_text=sample.completion_text,
-                    patch=sample.patch,
-                    reward=float(sample.reward),
-                    reward_components=dict(sample.reward_components),
-                    reward_spec_hash=reward_spec_hash,
-                    test_log_sha256=sample.test_log_sha256,
-                    proof=bytes(sample.proof),
-                    timings={
-                        "generate": timings.generate_ms / 1000.0,
-                        "reward": timings.reward_ms / 1000.0,
-                        "proof": timings.proof_ms / 1000.0,
-                    },
-                    created_at_ms=now_ms,
-                )
+        rows["task_id"].append(task_id)
+        rows["sample_index"].append(int(index))
+        rows["seed"].append(int(sample.seed))
+        rows["prompt_ids"].append(prompts[task_id])
+        rows["completion_text"].append(sample.completion_text)
+        rows["patch"].append(sample.patch)
+        rows["reward"].append(float(sample.reward))
+        rows["reward_components"].append(dict(sample.reward_components))
+        rows["test_log_sha256"].append(sample.test_log_sha256)
+        rows["proof"].append(bytes(sample.proof))
+        rows["timings"].append(
+            {
+                "generate": timings.generate_ms / 1000.0,
+                "reward": timings.reward_ms / 1000.0,
+                "proof": timings.proof_ms / 1000.0,
+            }
+        )
+    # Every column checked above, or the lease's, the run's or the signer's.
+    return CheckedBatch(
+        common={
+            "lease_id": lease.lease_id,
+            "run_id": run_id,
+            "worker_key": worker_key_hex,
+            "policy_version": int(payload.policy_version),
+            "reward_spec_hash": reward_spec_hash,
+            "created_at_ms": now_ms,
+        },
+        rows=rows,
+        completion_ids=tokens.ids.astype(np.int32),  # every id <= MAX_TOKEN_ID
+        behaviour_logprobs=tokens.logprobs,
+        offsets=tokens.id_offsets,
+    )
+
+
+_ROW_COLUMNS = (
+    "task_id",
+    "sample_index",
+    "seed",
+    "prompt_ids",
+    "completion_text",
+    "patch",
+    "reward",
+    "reward_components",
+    "test_log_sha256",
+    "proof",
+    "timings",
+)
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """A batch that passed `check_batch`, held as columns.
+
+    The token columns stay numpy buffers from the wire to the Parquet file: the
+    coordinator never builds a Python object per token. `records()` builds the rows
+    as `RolloutRecord`s for whoever wants them one by one.
+    """
+
+    common: dict[str, Any]
+    """The columns with one value for the whole batch (lease, run, key, version...)."""
+    rows: dict[str, list[Any]]
+    """One list per per-sample column but the token columns, in sample order."""
+    completion_ids: np.ndarray
+    """int32, every sample's completion ids end to end."""
+    behaviour_logprobs: np.ndarray
+    """float32, one per completion id, end to end likewise."""
+    offsets: np.ndarray
+    """Sample i's tokens are [offsets[i], offsets[i + 1]) of both token columns."""
+
+    def __len__(self) -> int:
+        return len(self.rows["task_id"])
+
+    @property
+    def n_tokens(self) -> int:
+        """Completion tokens in the batch."""
+        return int(self.offsets[-1])
+
+    def lengths(self) -> list[int]:
+        """Each sample's number of completion tokens."""
+        lengths: list[int] = np.diff(self.offsets).tolist()
+        return lengths
+
+    def digests(self) -> list[str]:
+        """`completion_digest` of each sample."""
+        packed = self.completion_ids.astype("<u4").tobytes()
+        ends = (4 * self.offsets).tolist()
+        return [
+            packed_completion_digest(task_id, packed[ends[i] : ends[i + 1]])
+            for i, task_id in enumerate(self.rows["task_id"])
+        ]
+
+    def table(self) -> pa.Table:
+        """The batch as an Arrow table of `ROLLOUT_SCHEMA`."""
+        n = len(self)
+        columns: dict[str, Any] = {name: [value] * n for name, value in self.common.items()}
+        columns.update(self.rows)
+        columns["prompt_ids"] = shared_prompts(self.rows["prompt_ids"])
+        offsets = pa.array(self.offsets.astype(np.int32))
+        for name, values in (
+            ("completion_ids", self.completion_ids),
+            ("behaviour_logprobs", self.behaviour_logprobs.astype(np.float64)),
+        ):
+            list_type = ROLLOUT_SCHEMA.field(name).type
+            columns[name] = pa.ListArray.from_arrays(
+                offsets, pa.array(values, type=list_type.value_type), type=list_type
             )
-        except RolloutSchemaError as exc:
-            raise _structural(
-                f"task {task_id} sample {index}: {exc}", task_id=task_id, index=index
-            ) from exc
-    return records
+        return rollout_table(columns)
+
+    def parquet_bytes(self) -> bytes:
+        """The batch as the bytes of one Parquet file."""
+        return table_parquet_bytes(self.table())
+
+    def records(self) -> list[RolloutRecord]:
+        """The batch as rollout records, built without their checks (made above)."""
+        ends = self.offsets.tolist()
+        logprobs = self.behaviour_logprobs.astype(np.float64)
+        out = []
+        for i in range(len(self)):
+            values = {name: column[i] for name, column in self.rows.items()}
+            values["completion_ids"] = self.completion_ids[ends[i] : ends[i + 1]].tolist()
+            values["behaviour_logprobs"] = logprobs[ends[i] : ends[i + 1]].tolist()
+            out.append(RolloutRecord.prechecked(**self.common, **values))
+        return out
 
 
 def audit_probability(streak: int, config: AuditConfig) -> float:

@@ -47,6 +47,7 @@ from coderepair.coordinator.service.stats import (
     workers_online,
 )
 from coderepair.coordinator.service.validation import (
+    CheckedBatch,
     LeaseView,
     check_batch,
     check_envelope_fields,
@@ -54,6 +55,7 @@ from coderepair.coordinator.service.validation import (
     check_policy_window,
     should_audit,
 )
+from coderepair.coordinator.service.wire import SubmitView
 from coderepair.coordinator.storage import batches, repo
 from coderepair.coordinator.storage.errors import (
     DuplicateCompletionError,
@@ -64,7 +66,6 @@ from coderepair.coordinator.storage.errors import (
 from coderepair.coordinator.storage.models import AuditKind, LeaseState, Run, Worker
 from coderepair.protocol import rpc
 from coderepair.protocol.identity import PUBLIC_KEY_BYTES, fingerprint
-from coderepair.protocol.rollout import RolloutRecord, to_parquet_bytes
 from coderepair.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 __all__ = ["WorkerServicer"]
@@ -343,7 +344,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.SubmitRolloutsRequest, context: Any
     ) -> worker_pb2.SubmitRolloutsResponse:
         started = time.perf_counter()
-        signer, payload, nonce = self._gate.open_deferred(request, _M + "SubmitRollouts")
+        signer, payload, nonce = self._gate.open_deferred(
+            request, _M + "SubmitRollouts", view=SubmitView
+        )
         ctx = self._ctx
         worker_id = fingerprint(signer)
         lease_id = payload.lease_id if 0 < len(payload.lease_id) <= 64 else None
@@ -369,23 +372,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             policy_version=int(payload.policy_version),
         )
         try:
-            records, state = self._validate(payload, lease, view.run, worker, signer)
+            batch, state = self._validate(payload, lease, view.run, worker, signer)
         except Refusal as refusal:
             response = await self._store_refusal(draft, refusal, nonce)
             ctx.record_submit(response, time.perf_counter() - started)
             return response
-        response = await self._accept(draft, records, state, worker, nonce)
-        ctx.record_submit(response, time.perf_counter() - started, records)
+        response = await self._accept(draft, batch, state, worker, nonce)
+        ctx.record_submit(
+            response, time.perf_counter() - started, rollouts=len(batch), tokens=batch.n_tokens
+        )
         return response
 
     def _validate(
         self,
-        payload: worker_pb2.SubmitPayload,
+        payload: Any,
         lease: Any,
         run: Run | None,
         worker: Worker,
         signer: bytes,
-    ) -> tuple[list[RolloutRecord], RunState]:
+    ) -> tuple[CheckedBatch, RunState]:
         ctx = self._ctx
         if lease is None:
             raise Refusal(
@@ -417,7 +422,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         check_policy_window(
             int(payload.policy_version), run.latest_policy_version, run.max_policy_lag
         )
-        records = check_batch(
+        batch = check_batch(
             payload,
             view,
             run_id=run.run_id,
@@ -428,7 +433,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reward_spec_hash=run.reward_spec_hash,
             now_ms=now,
         )
-        return records, state
+        return batch, state
 
     async def _store_refusal(
         self, draft: batches.BatchDraft, refusal: Refusal, nonce: PendingNonce
@@ -468,7 +473,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _accept(
         self,
         draft: batches.BatchDraft,
-        records: list[RolloutRecord],
+        batch: CheckedBatch,
         state: RunState,
         worker: Worker,
         nonce: PendingNonce,
@@ -477,8 +482,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
 
         def store() -> list[str]:
-            ctx.objects.put(key, to_parquet_bytes(records))
-            return [batches.completion_digest(r.task_id, r.completion_ids) for r in records]
+            ctx.objects.put(key, batch.parquet_bytes())
+            return batch.digests()
 
         # One hop off the event loop for the encoding, the write and the digests, and
         # not on the database threads: the object's fsyncs would hold them.
@@ -503,13 +508,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             samples=[
                 batches.SampleIndex(
                     row_index=i,
-                    task_id=r.task_id,
-                    sample_index=r.sample_index,
-                    completion_sha256=digests[i],
-                    n_completion_tokens=len(r.completion_ids),
-                    reward=r.reward,
+                    task_id=task_id,
+                    sample_index=index,
+                    completion_sha256=digest,
+                    n_completion_tokens=n,
+                    reward=reward,
                 )
-                for i, r in enumerate(records)
+                for i, (task_id, index, digest, n, reward) in enumerate(
+                    zip(
+                        batch.rows["task_id"],
+                        batch.rows["sample_index"],
+                        digests,
+                        batch.lengths(),
+                        batch.rows["reward"],
+                        strict=True,
+                    )
+                )
             ],
             audit_kinds=kinds if audit else [],
             duplicate_audit_kinds=on_duplicate,

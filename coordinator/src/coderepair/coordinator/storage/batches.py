@@ -101,6 +101,7 @@ __all__ = [
     "get_batch",
     "head_cursor",
     "is_transient",
+    "packed_completion_digest",
     "read_stream",
     "record_batch",
     "record_in",
@@ -120,9 +121,17 @@ def completion_digest(task_id: str, completion_ids: Sequence[int]) -> str:
 
     The task id is part of it: the same short answer to two different tasks is no copy.
     """
-    ids = struct.pack(f"<{len(completion_ids)}I", *completion_ids)
+    return packed_completion_digest(
+        task_id, struct.pack(f"<{len(completion_ids)}I", *completion_ids)
+    )
+
+
+def packed_completion_digest(task_id: str, ids_u32le: bytes) -> str:
+    """`completion_digest` of ids given as little-endian uint32 bytes (numpy's form)."""
     task = task_id.encode()
-    return hashlib.sha256(_DIGEST_PREFIX + struct.pack("<I", len(task)) + task + ids).hexdigest()
+    return hashlib.sha256(
+        _DIGEST_PREFIX + struct.pack("<I", len(task)) + task + ids_u32le
+    ).hexdigest()
 
 
 @dataclass(frozen=True)
