@@ -73,6 +73,8 @@ WORKER_COUNTS = (1, 50, 200)
 # Batches per phase: enough for a few seconds of the target rate (125 batches/s).
 BATCHES: dict[int | str, int] = {1: 100, 50: 500, 200: 600, "paced": 600}
 QUICK_BATCHES: dict[int | str, int] = {1: 40, 50: 200, 200: 400, "paced": 250}
+# Parquet encodes per Arrow memory pool (the slow ones are about one in a thousand).
+ENCODES, QUICK_ENCODES = 5000, 1000
 # The target load of the paced phases: 2,000 rollouts/s offered by all workers together.
 TARGET_ROLLOUTS = 2000
 PACED_WORKER_COUNTS = (50, 200)
@@ -271,7 +273,7 @@ def _server_main(overrides: dict[str, Any], conn: Connection, profile: str | Non
 
     async def serve() -> None:
         from coderepair.coordinator.config import load_config
-        from coderepair.coordinator.service.server import Coordinator, freeze_startup_heap
+        from coderepair.coordinator.service.server import Coordinator, tune_serving_process
 
         coordinator = Coordinator(load_config(None, overrides), seed=0)
         try:
@@ -279,7 +281,7 @@ def _server_main(overrides: dict[str, Any], conn: Connection, profile: str | Non
         except Exception as exc:
             conn.send(f"error: {type(exc).__name__}: {exc}")
             raise
-        freeze_startup_heap()  # as `Coordinator.run` (coderepair-coordinator serve) does
+        tune_serving_process()  # as `Coordinator.run` (coderepair-coordinator serve) does
         conn.send(coordinator.address)
         loop = asyncio.get_running_loop()
         while True:
@@ -790,6 +792,114 @@ def bench_database(  # noqa: PLR0917
     return out
 
 
+# ---------------------------------------------------------------- Parquet encode
+
+
+ARROW_POOLS = ("mimalloc", "jemalloc", "system")
+
+
+def _encode_probe(pool: str, n: int, tasks_per_batch: int, results: Any) -> None:
+    """In a fresh process on Arrow pool `pool`: encode one checked batch `n` times the
+    way the submit path does (`CheckedBatch.parquet_bytes`); per-encode CPU times."""
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = pool  # read when pyarrow is imported
+    from coderepair.coordinator.service.validation import LeaseView, check_batch
+    from coderepair.coordinator.service.wire import SubmitView
+    from coderepair.coordinator.storage.models import Lease, LeaseState
+    from coderepair.coordinator.storage.repo import LeaseTask
+    from coderepair.protocol.reward import RewardSpec
+    from coderepair.v1 import worker_pb2
+
+    @dataclass
+    class _Task:
+        task_id: str
+        seeds: list[int]
+        prompt_token_ids: list[int]
+
+    @dataclass
+    class _Lease:
+        tasks: list[_Task]
+        group_size: int = G
+
+    tasks = [
+        _Task(
+            f"t{k}", list(range(100 * k, 100 * k + G)), [3 + (7 * i + k) % 250 for i in range(700)]
+        )
+        for k in range(tasks_per_batch)
+    ]
+    raw = worker_pb2.SubmitPayload(
+        lease_id="L1", idempotency_key="k" * 16, policy_version=1, samples=_samples(_Lease(tasks))
+    ).SerializeToString()
+    lease = Lease(
+        lease_id="L1",
+        run_id="r1",
+        worker_id="w1",
+        policy_version=1,
+        tasks_json="[]",
+        n_tasks=len(tasks),
+        issued_unix_ms=0,
+        deadline_unix_ms=1,
+        state=LeaseState.OPEN,
+    )
+    view = LeaseView(
+        lease=lease,
+        tasks=[LeaseTask(t.task_id, t.seeds) for t in tasks],
+        prompts={t.task_id: t.prompt_token_ids for t in tasks},
+    )
+    spec = RewardSpec()
+
+    def checked() -> Any:
+        return check_batch(
+            SubmitView.FromString(raw),
+            view,
+            run_id="r1",
+            worker_key_hex="b" * 64,
+            group_size=G,
+            max_new_tokens=MAX_NEW_TOKENS,
+            reward_spec=spec,
+            reward_spec_hash=spec.spec_hash(),
+            now_ms=0,
+        )
+
+    import pyarrow as pa
+
+    checked().parquet_bytes()  # the first encode loads Parquet's code: not a steady figure
+    # Each round checks the batch afresh, as each submit does, so the pool sees the
+    # submit path's pattern of allocations; only the encode is timed. CPU time, not wall
+    # time: on a shared machine a wall-clock tail is mostly the scheduler, while the
+    # allocator's stalls are CPU spent.
+    times = []
+    for _ in range(n):
+        batch = checked()
+        start = time.process_time()
+        batch.parquet_bytes()
+        times.append(time.process_time() - start)
+    results.put({"pool": pa.default_memory_pool().backend_name, "times": times})
+
+
+def bench_parquet_pools(n: int, tasks_per_batch: int) -> dict[str, Any]:
+    """The Parquet encoding of one batch on each Arrow memory pool, one process each:
+    the median is alike, the tail is not (`steady_arrow_memory_pool`)."""
+    ctx = mp.get_context("spawn")
+    out: dict[str, Any] = {}
+    for pool in ARROW_POOLS:
+        results = ctx.Queue()
+        proc = ctx.Process(target=_encode_probe, args=(pool, n, tasks_per_batch, results))
+        proc.start()
+        got = results.get(timeout=600)
+        proc.join(30)
+        times = got["times"]
+        out[pool] = {
+            "backend": got["pool"],
+            "encodes": len(times),
+            "p50_ms": round(_percentile(times, 0.50) * 1000, 2),
+            "p999_ms": round(_percentile(times, 0.999) * 1000, 2),
+            "max_ms": round(max(times) * 1000, 2),
+            "over_20_ms": sum(t > 0.020 for t in times),
+        }
+        print(f"  parquet encode on {pool:9s} {out[pool]}", file=sys.stderr, flush=True)
+    return out
+
+
 def _row(p: dict[str, Any]) -> str:
     rej = f" rejected={p['rejected']}" if p["rejected"] else ""
     offered = p["offered_rollouts_per_s"]
@@ -863,7 +973,8 @@ def main() -> None:
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print_report(results, G * args.tasks_per_batch, time.time() - t0, args.replicas)
+    pools = bench_parquet_pools(QUICK_ENCODES if args.quick else ENCODES, args.tasks_per_batch)
+    print_report(results, G * args.tasks_per_batch, time.time() - t0, args.replicas, pools)
 
 
 def _cells(p: dict[str, Any]) -> str:
@@ -874,7 +985,11 @@ def _cells(p: dict[str, Any]) -> str:
 
 
 def print_report(
-    results: dict[str, Any], per_batch: int, total_s: float, replicas: int = 1
+    results: dict[str, Any],
+    per_batch: int,
+    total_s: float,
+    replicas: int = 1,
+    pools: dict[str, Any] | None = None,
 ) -> None:
     labels = list(results)
     print(
@@ -915,8 +1030,19 @@ def print_report(
             f"{audits['per_s_draining']:6.1f}/s draining ({audits['backlog_after_ingest']} "
             f"backlog, {audits['left_pending']} left)"
         )
+    if pools:
+        print(
+            f"\nParquet encode of one {per_batch}-rollout batch, per Arrow memory pool "
+            "(CPU time; one process each; the coordinator uses jemalloc, else system)"
+        )
+        for pool, p in pools.items():
+            print(
+                f"  {pool:9s} p50 {p['p50_ms']:6.2f} ms  p99.9 {p['p999_ms']:7.2f} ms  "
+                f"max {p['max_ms']:7.2f} ms  {p['over_20_ms']} of {p['encodes']} over 20 ms"
+            )
     print(f"\ntotal bench time {total_s:.0f} s")
     summary = {
+        "parquet_encode_by_pool": pools,
         "group_size": G,
         "rollouts_per_batch": per_batch,
         "replicas": replicas,
