@@ -34,6 +34,10 @@ PostgreSQL is a private server started from the machine's binaries (`initdb`,
 `pg_ctl`, as the `postgres` user when run as root) with its durable defaults (fsync,
 synchronous_commit on); SQLite runs in WAL mode with synchronous=FULL (the default).
 
+Last, apart from the server: the CPU time of encoding one batch as Parquet, as the
+submit path does, on each Arrow memory pool (mimalloc, Arrow's default; jemalloc, which
+the coordinator uses; the system allocator), one fresh process each.
+
 Run: .venv/bin/python bench/coordinator.py [--quick] [--replicas N] [--tasks-per-batch K]
 [--profile DIR] (--replicas N: N coordinator processes on one database, sharing the
 port; --tasks-per-batch K: leases of K tasks, so each batch carries K x 16 rollouts, as
@@ -73,7 +77,7 @@ WORKER_COUNTS = (1, 50, 200)
 # Batches per phase: enough for a few seconds of the target rate (125 batches/s).
 BATCHES: dict[int | str, int] = {1: 100, 50: 500, 200: 600, "paced": 600}
 QUICK_BATCHES: dict[int | str, int] = {1: 40, 50: 200, 200: 400, "paced": 250}
-# Parquet encodes per Arrow memory pool (the slow ones are about one in a thousand).
+# Parquet encodes per Arrow memory pool (where mimalloc stalls, about one in a thousand).
 ENCODES, QUICK_ENCODES = 5000, 1000
 # The target load of the paced phases: 2,000 rollouts/s offered by all workers together.
 TARGET_ROLLOUTS = 2000
@@ -878,7 +882,7 @@ def _encode_probe(pool: str, n: int, tasks_per_batch: int, results: Any) -> None
 
 def bench_parquet_pools(n: int, tasks_per_batch: int) -> dict[str, Any]:
     """The Parquet encoding of one batch on each Arrow memory pool, one process each:
-    the median is alike, the tail is not (`steady_arrow_memory_pool`)."""
+    the medians are alike; the tails differ on some machines (`steady_arrow_memory_pool`)."""
     ctx = mp.get_context("spawn")
     out: dict[str, Any] = {}
     for pool in ARROW_POOLS:
