@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -101,6 +102,60 @@ def test_upgrade_is_idempotent_and_safe_from_concurrent_starters(tmp_path: Path)
     assert current_revision(db.engine) == head_revision()
     assert schema_diff(db.engine) == []
     db.close()
+
+
+def _hold_the_write_lock(path: Path, seconds: float, taken: threading.Event) -> None:
+    # Another process's connection, as SQLite sees it: a separate DBAPI connection.
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    taken.set()
+    time.sleep(seconds)
+    connection.execute("COMMIT")
+    connection.close()
+
+
+def test_upgrade_retries_a_database_that_refuses_at_once_until_it_frees(
+    tmp_path: Path,
+) -> None:
+    # busy_timeout 0 makes every lock conflict fail at once, as SQLite does when a
+    # connection meets another process's last connection cleaning up the WAL.
+    path = tmp_path / "r.db"
+    engine = make_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=0)
+    taken = threading.Event()
+    holder = threading.Thread(target=_hold_the_write_lock, args=(path, 0.6, taken))
+    holder.start()
+    taken.wait(10)
+    started = time.monotonic()
+    assert upgrade_to_head(engine) == head_revision()
+    waited = time.monotonic() - started
+    holder.join()
+    assert waited >= 0.5
+    assert current_revision(engine) == head_revision()
+    assert schema_diff(engine) == []
+    engine.dispose()
+
+
+def test_upgrade_gives_up_on_a_lock_held_past_its_wait(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    engine = make_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=0)
+    taken = threading.Event()
+    holder = threading.Thread(target=_hold_the_write_lock, args=(path, 2.0, taken))
+    holder.start()
+    taken.wait(10)
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="database is locked"):
+        upgrade_to_head(engine, lock_wait_s=0.3)
+    assert time.monotonic() - started < 1.5
+    holder.join()
+    # Nothing of the failed attempts was left: a later start migrates from scratch.
+    assert current_revision(engine) is None
+    assert upgrade_to_head(engine) == head_revision()
+    engine.dispose()
+
+
+def test_upgrade_refuses_a_negative_lock_wait(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lock_wait_s"):
+        upgrade_to_head(f"sqlite:///{tmp_path / 'n.db'}", lock_wait_s=-1)
 
 
 def test_plain_postgresql_urls_use_psycopg_3() -> None:

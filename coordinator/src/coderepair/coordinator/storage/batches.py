@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import sqlite3
 import struct
 import threading
 import time
@@ -52,11 +51,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits
-from coderepair.coordinator.storage.db import Database
+from coderepair.coordinator.storage.db import Database, is_transient
 from coderepair.coordinator.storage.errors import (
     ConflictError,
     CursorBeyondHeadError,
@@ -566,26 +564,6 @@ def remember_nonce_in(
 
 
 _TRANSIENT_RETRIES = 5
-_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock victim, serialization
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A lock conflict the database settled by failing this transaction.
-
-    A group holds the worker rows of all its operations, taken in queue order, while a
-    sweep locks the workers it settles in id order: PostgreSQL can find the two in a
-    cycle and fail one (measured: the audit-on bench phase died on it). Retrying an
-    operation inside the same transaction would meet the same cycle, since the group
-    still holds the other rows; rolling the group back releases them, and its retry
-    succeeds once the other transaction is through. SQLite's "database is locked" (a
-    writer that waited out its busy timeout) is the same kind of failure.
-    """
-    if not isinstance(exc, DBAPIError):
-        return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-        return True
-    return isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig)
 
 
 @dataclass
@@ -665,7 +643,10 @@ class GroupCommitter:
                                 outcomes.append((True, op.run(session)))
                         except Exception as exc:  # rolled back to its savepoint only
                             if is_transient(exc):
-                                raise  # the whole group again: see `is_transient`
+                                # Retried in this transaction it would meet the same
+                                # lock cycle (the group still holds the other rows):
+                                # roll the whole group back and run it again.
+                                raise
                             outcomes.append((False, exc))
             except Exception as exc:
                 # Nothing of the group was written.

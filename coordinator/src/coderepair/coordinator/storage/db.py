@@ -26,6 +26,7 @@ SQLite specifics, applied on every new DBAPI connection:
 from __future__ import annotations
 
 import enum
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from coderepair.protocol.errors import ProtocolError
@@ -44,6 +45,7 @@ __all__ = [
     "Dialect",
     "SqliteSync",
     "dialect_of",
+    "is_transient",
     "make_engine",
     "write_engine",
 ]
@@ -157,6 +159,29 @@ def _set_up_sqlite(engine: Engine, busy_timeout_ms: int, synchronous: SqliteSync
     def _on_begin(connection: Any) -> None:
         mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock victim, serialization
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lock conflict the database settled by failing this transaction: rolled back,
+    the same transaction run again succeeds once the other party is through.
+
+    PostgreSQL fails one transaction of a lock cycle (a group commit holds the worker
+    rows of its operations in queue order while a sweep locks the workers it settles in
+    id order; measured: the audit-on bench phase died on it) or of a serialization
+    conflict. SQLite's "database is locked" is a writer that waited out its busy
+    timeout, or a connection that met another process's last connection cleaning up
+    the WAL on close, for which SQLite returns SQLITE_BUSY without calling the busy
+    handler (sqlite.org/wal.html, "Sometimes Queries Return SQLITE_BUSY In WAL Mode").
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig)
 
 
 def write_engine(engine: Engine) -> Engine:

@@ -7,12 +7,18 @@ Several coordinator replicas may start at once against one PostgreSQL: the upgra
 in one transaction (PostgreSQL has transactional DDL) that first takes a transaction-
 scoped advisory lock, so one replica migrates and the others wait, then find the schema
 at head and do nothing. On SQLite the transaction starts with BEGIN IMMEDIATE, which
-serialises starters the same way.
+serialises starters the same way. SQLite can still fail a starter at once with
+"database is locked" while another process's last connection checkpoints the WAL on
+close (the busy handler is not called then): `upgrade_to_head` rolls back and tries
+again.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,13 @@ from alembic.util import CommandError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 
-from coderepair.coordinator.storage.db import Dialect, dialect_of, make_engine, write_engine
+from coderepair.coordinator.storage.db import (
+    Dialect,
+    dialect_of,
+    is_transient,
+    make_engine,
+    write_engine,
+)
 from coderepair.coordinator.storage.models import Base
 from coderepair.protocol.errors import ProtocolError
 
@@ -46,6 +58,7 @@ _ADVISORY_LOCK_KEY = 0x636F_6465_7270_6169  # b"coderpai"
 # command, so two commands in one process must not overlap. Processes are kept apart by
 # the database locks above; threads of one process by this lock.
 _ALEMBIC_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class MigrationError(ProtocolError):
@@ -79,32 +92,55 @@ def _engine_for(target: Engine | str | URL) -> tuple[Engine, bool]:
     return make_engine(target, pool_size=1), True
 
 
-def upgrade_to_head(target: Engine | str | URL) -> str:
+def upgrade_to_head(target: Engine | str | URL, *, lock_wait_s: float = 60.0) -> str:
     """Migrate the database at `target` (an engine or a URL) to head; return the head.
 
     Safe to call from several processes at once (see the module docstring) and a no-op
-    on a database already at head.
+    on a database already at head. A lock conflict the database settles by failing the
+    attempt (`db.is_transient`; on SQLite also the moment another starter's last
+    connection closes) rolls the whole upgrade back, and it is tried again for up to
+    `lock_wait_s` seconds.
     """
+    if lock_wait_s < 0:
+        raise ValueError(f"lock_wait_s must be >= 0, got {lock_wait_s}")
     engine, owned = _engine_for(target)
+    deadline = time.monotonic() + lock_wait_s
     try:
-        config = alembic_config()
-        with write_engine(engine).begin() as connection:
-            if dialect_of(engine) is Dialect.POSTGRESQL:
-                connection.execute(select(func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
-            config.attributes["connection"] = connection
+        for attempt in itertools.count():
             try:
-                with _ALEMBIC_LOCK:
-                    command.upgrade(config, "head")
-            except CommandError as exc:
-                raise MigrationError(
-                    f"cannot migrate the database to revision {head_revision()}: {exc}. "
-                    "A database written by a newer coordinator needs that version (or a "
-                    "fresh database)"
-                ) from exc
-        return head_revision()
+                _upgrade_once(engine)
+                return head_revision()
+            except MigrationError:
+                raise
+            except Exception as exc:
+                pause = min(0.05 * 2**attempt, 1.0)
+                if not is_transient(exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.info("schema upgrade retried after a lock conflict: %s", exc)
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
     finally:
         if owned:
             engine.dispose()
+
+
+def _upgrade_once(engine: Engine) -> None:
+    # One transaction: a failed attempt leaves nothing behind (DDL is transactional on
+    # both engines), so the caller may simply run it again.
+    config = alembic_config()
+    with write_engine(engine).begin() as connection:
+        if dialect_of(engine) is Dialect.POSTGRESQL:
+            connection.execute(select(func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
+        config.attributes["connection"] = connection
+        try:
+            with _ALEMBIC_LOCK:
+                command.upgrade(config, "head")
+        except CommandError as exc:
+            raise MigrationError(
+                f"cannot migrate the database to revision {head_revision()}: {exc}. "
+                "A database written by a newer coordinator needs that version (or a "
+                "fresh database)"
+            ) from exc
 
 
 def schema_diff(engine: Engine) -> list[Any]:
