@@ -36,7 +36,10 @@ synchronous_commit on); SQLite runs in WAL mode with synchronous=FULL (the defau
 
 Last, apart from the server: the CPU time of encoding one batch as Parquet, as the
 submit path does, on each Arrow memory pool (mimalloc, Arrow's default; jemalloc, which
-the coordinator uses; the system allocator), one fresh process each.
+the coordinator uses; the system allocator), one fresh process each. And the commit of
+one batch's rollout rows on SQLite as the one multi-row INSERT the coordinator sends vs
+the driver's executemany, alone and beside a CPU-bound thread (GIL hand-offs, one per
+statement step).
 
 Run: .venv/bin/python bench/coordinator.py [--quick] [--replicas N] [--tasks-per-batch K]
 [--profile DIR] (--replicas N: N coordinator processes on one database, sharing the
@@ -904,6 +907,99 @@ def bench_parquet_pools(n: int, tasks_per_batch: int) -> dict[str, Any]:
     return out
 
 
+def _insert_times(engine: Any, statement: Any, rows: list[dict[str, Any]], n: int) -> list[float]:
+    from sqlalchemy import delete
+
+    from coderepair.coordinator.storage.models import Rollout
+
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        with engine.begin() as connection:
+            connection.execute(statement, rows)
+        times.append(time.perf_counter() - started)
+        with engine.begin() as connection:
+            connection.execute(delete(Rollout.__table__))
+    return times
+
+
+def bench_rollout_insert(n: int, per_batch: int) -> dict[str, Any]:
+    """One batch's rollout rows committed on SQLite, as one multi-row INSERT (what
+    `storage.batches` sends) vs the driver's executemany, alone and beside one
+    CPU-bound thread: sqlite3 hands the GIL over at every statement step, and a thread
+    taking it back from a busy one waits up to a switch interval (5 ms) each time.
+
+    The effect needs the busy thread on a core of its own: on an otherwise idle machine
+    executemany took 5-7x longer beside it; in one quick run beside the test suite, with
+    both cores taken by other processes, it was the faster of the two."""
+    import threading
+
+    from sqlalchemy import event, insert
+
+    from coderepair.coordinator.storage import batches
+    from coderepair.coordinator.storage.db import make_engine
+    from coderepair.coordinator.storage.migrate import upgrade_to_head
+    from coderepair.coordinator.storage.models import Rollout
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-insert-"))
+    engine = make_engine(f"sqlite:///{folder / 'insert.db'}", pool_size=1)
+    upgrade_to_head(engine)
+    engine.dispose()
+
+    @event.listens_for(engine, "connect")
+    def _no_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+        # After the coordinator's own set-up: the rows' run and batch need not exist.
+        dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+
+    rows = [
+        {
+            "run_id": "r1",
+            "cursor": 1 + i,
+            "batch_id": "b" * 32,
+            "row_index": i,
+            "task_id": f"t{i // G}",
+            "sample_index": i % G,
+            "worker_id": "w" * 64,
+            "policy_version": 0,
+            "completion_sha256": f"{i:064x}",
+            "n_completion_tokens": COMPLETION_TOKENS,
+            "reward": 1.0,
+            "accepted_unix_ms": 0,
+            "voided": False,
+        }
+        for i in range(per_batch)
+    ]
+    forms = {"one_statement": batches._INSERT_ROLLOUTS, "executemany": insert(Rollout.__table__)}
+    out: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    try:
+        for beside in ("alone", "beside_busy_thread"):
+            spinner = threading.Thread(target=spin) if beside != "alone" else None
+            if spinner is not None:
+                spinner.start()
+            for form, statement in forms.items():
+                times = _insert_times(engine, statement, rows, n)
+                out[f"{form}_{beside}_p50_ms"] = round(_percentile(times, 0.5) * 1000, 2)
+            if spinner is not None:
+                stop.set()
+                spinner.join()
+    finally:
+        engine.dispose()
+        shutil.rmtree(folder, ignore_errors=True)
+    out["executemany_over_one_statement_beside_busy"] = round(
+        out["executemany_beside_busy_thread_p50_ms"]
+        / max(out["one_statement_beside_busy_thread_p50_ms"], 1e-9),
+        1,
+    )
+    print(f"  rollout insert {out}", file=sys.stderr, flush=True)
+    return out
+
+
 def _row(p: dict[str, Any]) -> str:
     rej = f" rejected={p['rejected']}" if p["rejected"] else ""
     offered = p["offered_rollouts_per_s"]
@@ -978,7 +1074,15 @@ def main() -> None:
             postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
     pools = bench_parquet_pools(QUICK_ENCODES if args.quick else ENCODES, args.tasks_per_batch)
-    print_report(results, G * args.tasks_per_batch, time.time() - t0, args.replicas, pools)
+    insert = bench_rollout_insert(10 if args.quick else 30, G * args.tasks_per_batch)
+    print_report(
+        results,
+        G * args.tasks_per_batch,
+        time.time() - t0,
+        args.replicas,
+        pools=pools,
+        insert=insert,
+    )
 
 
 def _cells(p: dict[str, Any]) -> str:
@@ -993,7 +1097,9 @@ def print_report(
     per_batch: int,
     total_s: float,
     replicas: int = 1,
+    *,
     pools: dict[str, Any] | None = None,
+    insert: dict[str, Any] | None = None,
 ) -> None:
     labels = list(results)
     print(
@@ -1044,9 +1150,19 @@ def print_report(
                 f"  {pool:9s} p50 {p['p50_ms']:6.2f} ms  p99.9 {p['p999_ms']:7.2f} ms  "
                 f"max {p['max_ms']:7.2f} ms  {p['over_20_ms']} of {p['encodes']} over 20 ms"
             )
+    if insert:
+        print(
+            f"\nOne batch's {per_batch} rollout rows committed on SQLite (p50, ms): "
+            f"one multi-row INSERT {insert['one_statement_alone_p50_ms']:.2f} alone, "
+            f"{insert['one_statement_beside_busy_thread_p50_ms']:.2f} beside a CPU-bound "
+            f"thread; the driver's executemany {insert['executemany_alone_p50_ms']:.2f} "
+            f"alone, {insert['executemany_beside_busy_thread_p50_ms']:.2f} beside it "
+            f"({insert['executemany_over_one_statement_beside_busy']}x)"
+        )
     print(f"\ntotal bench time {total_s:.0f} s")
     summary = {
         "parquet_encode_by_pool": pools,
+        "rollout_insert_sqlite": insert,
         "group_size": G,
         "rollouts_per_batch": per_batch,
         "replicas": replicas,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 
 from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.batches import BatchDraft, Rejection, SampleIndex
@@ -410,3 +411,25 @@ def test_submission_view_holds_the_rows_as_stored(storage_world: StorageWorld) -
     assert batches.submission_view(world.db, "nobody", lease_id) == batches.SubmissionView(
         None, None, None
     )
+
+
+def test_a_batch_s_rollout_rows_go_in_as_one_statement(storage_world: StorageWorld) -> None:
+    # One statement, not the driver's executemany: sqlite3 hands the GIL over once per
+    # statement step, which costs up to a switch interval each under load (batches.py).
+    world = storage_world
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    event.listen(world.db.engine, "before_cursor_execute", seen)
+    try:
+        recorded = _submit(world, world.alice, ["t1", "t2", "t3"], "key-a-000000000077")
+    finally:
+        event.remove(world.db.engine, "before_cursor_execute", seen)
+    assert recorded.created and recorded.batch.n_samples == 3 * G
+    inserts = [s for s in statements if s.startswith("INSERT INTO rollouts")]
+    assert len(inserts) == 1
+    assert inserts[0].count("), (") == 3 * G - 1  # one VALUES group per row
+    rows = batches.read_stream(world.db, "r1", 0, 100)
+    assert [r.cursor for r in rows] == list(range(1, 3 * G + 1))
