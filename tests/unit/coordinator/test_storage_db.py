@@ -7,10 +7,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from coderepair.coordinator.storage.db import Database, DatabaseConfigError, make_engine
@@ -104,50 +106,52 @@ def test_upgrade_is_idempotent_and_safe_from_concurrent_starters(tmp_path: Path)
     db.close()
 
 
-def _hold_the_write_lock(path: Path, seconds: float, taken: threading.Event) -> None:
-    # Another process's connection, as SQLite sees it: a separate DBAPI connection.
-    connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute("BEGIN EXCLUSIVE")
-    taken.set()
-    time.sleep(seconds)
-    connection.execute("COMMIT")
-    connection.close()
+@contextmanager
+def _write_lock_held(path: Path, seconds: float) -> Iterator[Engine]:
+    """An engine with busy_timeout 0 on `path` while another connection holds the write
+    lock for `seconds`: every lock conflict fails at once, as SQLite does when a
+    connection meets another process's last connection cleaning up the WAL."""
+    engine = make_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=0)
+    taken = threading.Event()
+
+    def hold() -> None:
+        # Another process's connection, as SQLite sees it: a separate DBAPI connection.
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        taken.set()
+        time.sleep(seconds)
+        connection.execute("COMMIT")
+        connection.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(10)
+    try:
+        yield engine
+    finally:
+        holder.join()
+        engine.dispose()
 
 
 def test_upgrade_retries_a_database_that_refuses_at_once_until_it_frees(
     tmp_path: Path,
 ) -> None:
-    # busy_timeout 0 makes every lock conflict fail at once, as SQLite does when a
-    # connection meets another process's last connection cleaning up the WAL.
-    path = tmp_path / "r.db"
-    engine = make_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=0)
-    taken = threading.Event()
-    holder = threading.Thread(target=_hold_the_write_lock, args=(path, 0.6, taken))
-    holder.start()
-    taken.wait(10)
-    started = time.monotonic()
-    assert upgrade_to_head(engine) == head_revision()
-    waited = time.monotonic() - started
-    holder.join()
-    assert waited >= 0.5
-    assert current_revision(engine) == head_revision()
-    assert schema_diff(engine) == []
-    engine.dispose()
+    with _write_lock_held(tmp_path / "r.db", 0.6) as engine:
+        started = time.monotonic()
+        assert upgrade_to_head(engine) == head_revision()
+        assert time.monotonic() - started >= 0.5
+        assert current_revision(engine) == head_revision()
+        assert schema_diff(engine) == []
 
 
 def test_upgrade_gives_up_on_a_lock_held_past_its_wait(tmp_path: Path) -> None:
-    path = tmp_path / "g.db"
-    engine = make_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=0)
-    taken = threading.Event()
-    holder = threading.Thread(target=_hold_the_write_lock, args=(path, 2.0, taken))
-    holder.start()
-    taken.wait(10)
-    started = time.monotonic()
-    with pytest.raises(OperationalError, match="database is locked"):
-        upgrade_to_head(engine, lock_wait_s=0.3)
-    assert time.monotonic() - started < 1.5
-    holder.join()
+    with _write_lock_held(tmp_path / "g.db", 2.0) as engine:
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="database is locked"):
+            upgrade_to_head(engine, lock_wait_s=0.3)
+        assert time.monotonic() - started < 1.5
     # Nothing of the failed attempts was left: a later start migrates from scratch.
+    engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
     assert current_revision(engine) is None
     assert upgrade_to_head(engine) == head_revision()
     engine.dispose()

@@ -203,8 +203,8 @@ _INSERT_BATCH = insert(_batches)
 # sqlite3 releases the GIL around every statement step, so executemany costs one GIL
 # hand-off per row, and beside a busy thread (the event loop under load) each hand-off
 # can wait a whole switch interval (5 ms). bench/coordinator.py measures the commit of
-# 64 rows beside one CPU-bound thread: 125 ms by executemany, 18 ms as one statement
-# (about 1 ms either way alone).
+# 64 rows beside one CPU-bound thread: 104-155 ms by executemany, 22 ms as one
+# statement, on an otherwise idle machine (about 1 ms either way alone).
 _INSERT_ROLLOUTS = insert(_rollouts).returning(_rollouts.c.cursor)
 _INSERT_JOBS = insert(cast(Table, AuditJob.__table__))
 _INSERT_CREDIT = insert(cast(Table, CreditEntry.__table__))

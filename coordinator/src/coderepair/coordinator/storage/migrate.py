@@ -15,7 +15,6 @@ again.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -106,19 +105,18 @@ def upgrade_to_head(target: Engine | str | URL, *, lock_wait_s: float = 60.0) ->
     engine, owned = _engine_for(target)
     deadline = time.monotonic() + lock_wait_s
     try:
-        for attempt in itertools.count():
+        attempt = 0
+        while True:
             try:
                 _upgrade_once(engine)
                 return head_revision()
-            except MigrationError:
-                raise
             except Exception as exc:
                 pause = min(0.05 * 2**attempt, 1.0)
                 if not is_transient(exc) or time.monotonic() + pause > deadline:
                     raise
                 log.info("schema upgrade retried after a lock conflict: %s", exc)
                 time.sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+                attempt += 1
     finally:
         if owned:
             engine.dispose()
