@@ -5,6 +5,8 @@ server (moto); plus idempotent retries, lease expiry, audits and the admin servi
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,49 @@ async def test_round_trip_s3(
         await _round_trip(coordinator, clients, keys, assets["shards"])
     listed = client.list_objects_v2(Bucket=bucket, Prefix="coordinator/runs/r1/batches/")
     assert listed["KeyCount"] == 1
+
+
+@pytest.mark.slow
+async def test_round_trip_with_a_batch_preparing_helper(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    config = make_config(tmp_path, assets, keys, server={"prepare_processes": 1})
+    async for coordinator, clients in _open(config):
+        (helper,) = coordinator.preparer.pids()
+        assert helper != os.getpid()
+        await _round_trip(coordinator, clients, keys, assets["shards"])
+    with pytest.raises(ProcessLookupError):  # shutdown stopped (and reaped) the helper
+        os.kill(helper, 0)
+
+
+@pytest.mark.slow
+async def test_a_helper_refuses_in_band_and_a_killed_one_costs_no_batch(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    config = make_config(tmp_path, assets, keys, server={"prepare_processes": 1})
+    async for coordinator, clients in _open(config):
+        worker = keys.workers[0]
+        leased, payload = await _first_payload(clients, keys, assets)
+        bad = submit_payload(leased, make_samples(leased))
+        bad.samples[1].seed += 1
+        refused = await clients.submit(worker, bad)
+        assert not refused.accepted
+        assert refused.rejection.reason == common_pb2.REJECTION_REASON_STRUCTURAL
+        assert (refused.rejection.task_id, refused.rejection.sample_index) == (
+            bad.samples[1].task_id,
+            1,
+        )
+        again = await clients.submit(worker, bad)  # stored: the retry gets the verdict
+        assert again.replayed_response and again.batch_id == refused.batch_id
+        # The refusal was for this lease's samples, not the lease: it is still open.
+        (helper,) = coordinator.preparer.pids()
+        os.kill(helper, signal.SIGKILL)
+        answers = await asyncio.gather(*(clients.submit(worker, payload) for _ in range(3)))
+        assert all(a.accepted for a in answers)
+        assert len({a.batch_id for a in answers}) == 1
+        assert sum(not a.replayed_response for a in answers) == 1
+        assert coordinator.preparer.pids() not in ([], [helper])
+        assert len(await clients.stream(keys.trainer)) == 2
 
 
 async def _first_payload(

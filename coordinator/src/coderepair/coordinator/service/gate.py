@@ -89,6 +89,14 @@ class Refusal(ProtocolError):
         self.sample_index = sample_index
         self.retry_after_ms = retry_after_ms
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Exceptions pickle as cls(*args); ours has keyword-only fields besides. A
+        # refusal made in a batch-preparing helper process crosses back whole.
+        return (
+            _refusal,
+            (self.reason, self.message, self.task_id, self.sample_index, self.retry_after_ms),
+        )
+
     @property
     def reason_name(self) -> str:
         """The reason without its prefix, as stored in `batches.rejection_reason`."""
@@ -105,6 +113,22 @@ class Refusal(ProtocolError):
         if self.retry_after_ms is not None:
             rejection.retry_after_ms = self.retry_after_ms
         return rejection
+
+
+def _refusal(
+    reason: Any,
+    message: str,
+    task_id: str | None,
+    sample_index: int | None,
+    retry_after_ms: int | None,
+) -> Refusal:
+    return Refusal(
+        reason,
+        message,
+        task_id=task_id,
+        sample_index=sample_index,
+        retry_after_ms=retry_after_ms,
+    )
 
 
 def reason_name(reason: int) -> str:
@@ -266,14 +290,15 @@ class EnvelopeGate:
 
     def open_deferred(
         self, request: _message.Message, method: str, view: Any = None
-    ) -> tuple[bytes, Any, PendingNonce]:
-        """Like `open`, but the nonce is the caller's to record (module docstring).
+    ) -> tuple[bytes, Any, bytes, PendingNonce]:
+        """Like `open`, but the nonce is the caller's to record (module docstring):
+        (signer, payload, the payload's signed bytes, the pending nonce).
 
         ``view``: a message type to parse the payload as instead of the method's own,
         one with the same fields read another way (`wire.SubmitView`).
         """
         payload_type, payload, pending = self._verify(request, method)
-        return pending.signer, _decode(payload, view or payload_type), pending
+        return pending.signer, _decode(payload, view or payload_type), payload, pending
 
     def _verify(self, request: _message.Message, method: str) -> tuple[Any, bytes, PendingNonce]:
         """Size, envelope, purpose, clock, signature, in-process nonce cache."""

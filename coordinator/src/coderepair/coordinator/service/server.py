@@ -12,7 +12,9 @@ start the loops:
   the pools re-read which tasks open leases hold;
 - the in-process audit loop (``audit.in_process``), running the given `Auditor` or
   the one ``audit.auditor`` names (`service.auditor.build_auditor`);
-- the operators' dashboard (``dashboard.enabled``): page, /api/stats, /metrics, /healthz.
+- the operators' dashboard (``dashboard.enabled``): page, /api/stats, /metrics, /healthz;
+- ``server.prepare_processes`` helper processes that check and encode submitted batches
+  (`service.prepare`), spawned before the port opens.
 
 Metrics: the coordinator owns one `CollectorRegistry` and one `CoordinatorMetrics` on it
 (`metrics`), shared through the `ServiceContext` with the servicers and the audit loop;
@@ -21,7 +23,7 @@ the dashboard's /metrics serves that registry plus a `StatsCollector` of the dat
 `shutdown()` is idempotent: health turns NOT_SERVING first (load balancers drain), the
 server stops taking calls and lets running ones finish within the grace period, the
 loops and the dashboard stop (each within a bounded time), the auditor releases its
-sandbox, and the database pool is closed.
+sandbox, the batch-preparing helpers exit, and the database pool is closed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from coderepair.coordinator.service.audit import AuditLoop, Auditor
 from coderepair.coordinator.service.auditor import build_auditor, close_auditor
 from coderepair.coordinator.service.context import RunState, ServiceContext, wall_clock_ms
 from coderepair.coordinator.service.gate import EnvelopeGate, UndecodableRequestGuard
+from coderepair.coordinator.service.prepare import BatchPreparer
 from coderepair.coordinator.service.scheduler import PromptEncoder, SchedulerError, load_pool
 from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.service.trainer_service import TrainerServicer
@@ -213,6 +216,7 @@ class Coordinator:
         self._clock_ms = clock_ms
         self._validator_id = validator_id
         self._rng = random.Random(seed)
+        self._preparer = BatchPreparer(config.server.prepare_processes)
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._ctx: ServiceContext | None = None
@@ -227,6 +231,11 @@ class Coordinator:
         if self._ctx is None:
             raise StartupError("the coordinator is not started: call start() first")
         return self._ctx
+
+    @property
+    def preparer(self) -> BatchPreparer:
+        """The helpers that check and encode submitted batches (``server.prepare_processes``)."""
+        return self._preparer
 
     @property
     def address(self) -> str:
@@ -251,6 +260,16 @@ class Coordinator:
         db = ctx.db
         self._ctx = ctx
         await self._resync_pools()
+        try:
+            await self._preparer.start()
+        except Exception as exc:
+            await self._preparer.shutdown()
+            await self._close_storage()
+            raise StartupError(
+                f"the {config.server.prepare_processes} batch-preparing helper process(es) "
+                f"did not start ({type(exc).__name__}: {exc}); set server.prepare_processes "
+                "= 0 to check batches in this process"
+            ) from exc
         gate = EnvelopeGate(
             EnvelopeVerifier(config.server.max_clock_skew_s, clock=lambda: ctx.now_ms() / 1000),
             lambda fn, *a, **kw: ctx.call(fn, ctx.db, *a, **kw),
@@ -269,7 +288,7 @@ class Coordinator:
             interceptors=[UndecodableRequestGuard()],
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(ctx, gate, self._rng), server
+            WorkerServicer(ctx, gate, self._rng, self._preparer), server
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(ctx, gate), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(ctx, gate), server)
@@ -279,6 +298,7 @@ class Coordinator:
         except RuntimeError:  # this grpcio raises where older ones returned 0
             port = 0
         if port == 0:
+            await self._preparer.shutdown()
             await self._close_storage()
             raise StartupError(
                 f"cannot listen on {config.server.listen}: the port is taken or the address "
@@ -387,6 +407,7 @@ class Coordinator:
                     log.error("%s had failed: %r", task.get_name(), task.exception())
         if self._own_auditor and self._auditor is not None:
             await asyncio.to_thread(close_auditor, self._auditor)
+        await self._preparer.shutdown(grace_s)
         await self._close_storage()
 
     async def _close_storage(self) -> None:

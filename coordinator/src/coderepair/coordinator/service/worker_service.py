@@ -5,7 +5,10 @@ SubmitRollouts runs the validation pipeline cheapest stage first:
 1. request size and envelope (`EnvelopeGate`: wire format, purpose, clock skew,
    signature, then the replay check against the shared nonce table);
 2. the signer must be registered and not banned;
-3. structural checks against the lease, the run and its task pool (`validation`);
+3. structural checks against the lease, the run and its task pool (`validation`): the
+   lease's own here, the samples' in `prepare.prepare_batch`, which also digests the
+   payload and encodes the Parquet record, in a helper process where the coordinator
+   has them (``server.prepare_processes``) so the event loop keeps its interpreter;
 4. the Parquet record goes to the object store under a content-addressed key (a retry
    rewrites the same bytes; an object whose batch is never committed is never read);
 5. `record_batch`: one transaction that looks the idempotency key up, closes the lease,
@@ -24,11 +27,12 @@ contract says.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
 from typing import Any
+
+import grpc
 
 from coderepair.coordinator.service import convert
 from coderepair.coordinator.service.context import RunState, ServiceContext
@@ -40,6 +44,13 @@ from coderepair.coordinator.service.gate import (
     not_registered,
     require_active,
 )
+from coderepair.coordinator.service.prepare import (
+    BatchPreparer,
+    PreparedBatch,
+    PrepareJob,
+    PreparerBrokenError,
+    payload_digest,
+)
 from coderepair.coordinator.service.scheduler import new_seeds
 from coderepair.coordinator.service.stats import (
     lease_states,
@@ -47,9 +58,7 @@ from coderepair.coordinator.service.stats import (
     workers_online,
 )
 from coderepair.coordinator.service.validation import (
-    CheckedBatch,
     LeaseView,
-    check_batch,
     check_envelope_fields,
     check_lease_open,
     check_policy_window,
@@ -87,11 +96,31 @@ def _printable(value: str, limit: int, name: str) -> str:
     return value
 
 
+def _draft(worker: Worker, payload: Any, lease: Any, digest: str) -> batches.BatchDraft:
+    return batches.BatchDraft(
+        worker_id=worker.worker_id,
+        idempotency_key=payload.idempotency_key,
+        payload_sha256=digest,
+        run_id=lease.run_id if lease is not None else None,
+        lease_id=lease.lease_id if lease is not None else None,
+        policy_version=int(payload.policy_version),
+    )
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """The worker-facing service over a `ServiceContext`."""
 
-    def __init__(self, ctx: ServiceContext, gate: EnvelopeGate, rng: random.Random) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        gate: EnvelopeGate,
+        rng: random.Random,
+        preparer: BatchPreparer | None = None,
+    ) -> None:
         self._ctx = ctx
+        # Digests, checks and Parquet encoding of a batch (`prepare`): in helper
+        # processes when the coordinator has them, else in a thread of this one.
+        self._preparer = preparer if preparer is not None else BatchPreparer(0)
         # Submissions and the nonces of worker calls are written by group commit
         # (`storage.batches.GroupCommitter`): one transaction, one fsync, for all the
         # requests that arrive while the previous commit runs.
@@ -344,7 +373,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.SubmitRolloutsRequest, context: Any
     ) -> worker_pb2.SubmitRolloutsResponse:
         started = time.perf_counter()
-        signer, payload, nonce = self._gate.open_deferred(
+        signer, payload, raw, nonce = self._gate.open_deferred(
             request, _M + "SubmitRollouts", view=SubmitView
         )
         ctx = self._ctx
@@ -361,36 +390,50 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             refused = convert.refused_response(refusal)
             ctx.record_submit(refused, time.perf_counter() - started)
             return refused
-        digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
         lease = view.lease
-        draft = batches.BatchDraft(
-            worker_id=worker.worker_id,
-            idempotency_key=payload.idempotency_key,
-            payload_sha256=digest,
-            run_id=lease.run_id if lease is not None else None,
-            lease_id=lease.lease_id if lease is not None else None,
-            policy_version=int(payload.policy_version),
-        )
         try:
-            batch, state = self._validate(payload, lease, view.run, worker, signer)
+            job, state = self._job(raw, payload, lease, view.run, worker, signer)
         except Refusal as refusal:
+            draft = _draft(worker, payload, lease, payload_digest(payload))
             response = await self._store_refusal(draft, refusal, nonce)
             ctx.record_submit(response, time.perf_counter() - started)
             return response
-        response = await self._accept(draft, batch, state, worker, nonce)
+        try:
+            prepared = await self._preparer.prepare(job)
+        except PreparerBrokenError as exc:
+            # UNAVAILABLE, not INTERNAL: nothing was written and the same batch will
+            # succeed later, so workers retry it as they do a lost connection.
+            rejection = Refusal(R.REJECTION_REASON_INTERNAL, str(exc), retry_after_ms=1000)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                rejection.message,
+                rpc.rejection_metadata(rejection.to_proto()),
+            )
+            raise AssertionError("grpc.aio context.abort() returned instead of raising") from exc
+        draft = _draft(worker, payload, lease, prepared.payload_sha256)
+        if prepared.refusal is not None:
+            response = await self._store_refusal(draft, prepared.refusal, nonce)
+            ctx.record_submit(response, time.perf_counter() - started)
+            return response
+        response = await self._accept(draft, prepared, state, worker, nonce)
         ctx.record_submit(
-            response, time.perf_counter() - started, rollouts=len(batch), tokens=batch.n_tokens
+            response,
+            time.perf_counter() - started,
+            rollouts=len(prepared),
+            tokens=prepared.n_tokens,
         )
         return response
 
-    def _validate(
+    def _job(  # noqa: PLR0917  (the submission's parts, as SubmitRollouts has them)
         self,
+        raw: bytes,
         payload: Any,
         lease: Any,
         run: Run | None,
         worker: Worker,
         signer: bytes,
-    ) -> tuple[CheckedBatch, RunState]:
+    ) -> tuple[PrepareJob, RunState]:
+        """The lease-side checks, then what `prepare_batch` needs to check the rest."""
         ctx = self._ctx
         if lease is None:
             raise Refusal(
@@ -415,16 +458,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     "task set: lease new work",
                 )
             prompts[task.task_id] = pooled.prompt_ids
-        view = LeaseView(lease=lease, tasks=tasks, prompts=prompts)
         now = ctx.now_ms()
-        check_lease_open(view, worker.worker_id, now)
+        lease_view = LeaseView(lease=lease, tasks=tasks, prompts=prompts)
+        check_lease_open(lease_view, worker.worker_id, now)
         assert run is not None  # a lease's run row is never deleted
         check_policy_window(
             int(payload.policy_version), run.latest_policy_version, run.max_policy_lag
         )
-        batch = check_batch(
-            payload,
-            view,
+        job = PrepareJob(
+            payload=raw,
+            lease_id=lease.lease_id,
+            lease_policy_version=lease.policy_version,
+            tasks=tuple(tasks),
+            prompts=prompts,
             run_id=run.run_id,
             worker_key_hex=signer.hex(),
             group_size=run.group_size,
@@ -433,7 +479,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reward_spec_hash=run.reward_spec_hash,
             now_ms=now,
         )
-        return batch, state
+        return job, state
 
     async def _store_refusal(
         self, draft: batches.BatchDraft, refusal: Refusal, nonce: PendingNonce
@@ -473,7 +519,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _accept(
         self,
         draft: batches.BatchDraft,
-        batch: CheckedBatch,
+        batch: PreparedBatch,
         state: RunState,
         worker: Worker,
         nonce: PendingNonce,
@@ -481,13 +527,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         ctx = self._ctx
         key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
 
-        def store() -> list[str]:
-            ctx.objects.put(key, batch.parquet_bytes())
-            return batch.digests()
-
-        # One hop off the event loop for the encoding, the write and the digests, and
-        # not on the database threads: the object's fsyncs would hold them.
-        digests = await asyncio.to_thread(store)
+        # Off the event loop, and not on the database threads: the object's fsyncs
+        # would hold them.
+        await asyncio.to_thread(ctx.objects.put, key, batch.parquet)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
         kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
         # A completion another worker already had accepted is what a copier sends, but
@@ -516,11 +558,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
                 for i, (task_id, index, digest, n, reward) in enumerate(
                     zip(
-                        batch.rows["task_id"],
-                        batch.rows["sample_index"],
-                        digests,
-                        batch.lengths(),
-                        batch.rows["reward"],
+                        batch.task_ids,
+                        batch.sample_indices,
+                        batch.completion_sha256,
+                        batch.n_completion_tokens,
+                        batch.rewards,
                         strict=True,
                     )
                 )
