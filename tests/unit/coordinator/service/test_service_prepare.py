@@ -24,12 +24,14 @@ from coderepair.coordinator.service.prepare import (
     PrepareJob,
     PreparerBrokenError,
     payload_digest,
+    portable_store,
     prepare_batch,
 )
 from coderepair.coordinator.service.validation import LeaseView, check_batch
 from coderepair.coordinator.service.wire import SubmitView
 from coderepair.coordinator.storage.batches import completion_digest
 from coderepair.coordinator.storage.models import Lease, LeaseState
+from coderepair.coordinator.storage.objects import LocalObjectStore
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
 from coderepair.protocol.reward import RewardSpec
@@ -118,6 +120,28 @@ def test_a_prepared_batch_is_what_check_batch_and_the_digests_give() -> None:
     records = from_parquet_bytes(prepared.parquet)
     assert records == _checked(payload).records()
     assert [r.prompt_ids for r in records] == [[5, 6, 7]] * 2 + [[8, 9]] * 2
+
+
+def test_a_local_store_gets_the_object_written_by_prepare(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    assert portable_store(store) is store
+    job = dataclasses.replace(_job(_payload()), object_prefix="runs/r1/batches/w1/", store=store)
+    prepared = prepare_batch(job)
+    assert prepared.object_key == f"runs/r1/batches/w1/{prepared.payload_sha256}.parquet"
+    assert prepared.parquet == b""  # written, not handed back
+    assert from_parquet_bytes(store.get(prepared.object_key)) == _checked(_payload()).records()
+    # Without a store the bytes come back for the caller to write, under the same key.
+    kept = prepare_batch(dataclasses.replace(job, store=None))
+    assert kept.object_key == prepared.object_key
+    assert kept.parquet == store.get(prepared.object_key)
+
+
+def test_only_a_plain_local_store_is_handed_to_helpers(tmp_path: Path) -> None:
+    class Failing(LocalObjectStore):
+        def put(self, key: str, data: bytes) -> None:
+            raise OSError("disk full")
+
+    assert portable_store(Failing(tmp_path)) is None
 
 
 def test_a_refused_batch_comes_back_as_data_with_its_digest_and_pointer() -> None:

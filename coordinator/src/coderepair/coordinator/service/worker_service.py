@@ -50,6 +50,7 @@ from coderepair.coordinator.service.prepare import (
     PrepareJob,
     PreparerBrokenError,
     payload_digest,
+    portable_store,
 )
 from coderepair.coordinator.service.scheduler import new_seeds
 from coderepair.coordinator.service.stats import (
@@ -121,6 +122,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # Digests, checks and Parquet encoding of a batch (`prepare`): in helper
         # processes when the coordinator has them, else in a thread of this one.
         self._preparer = preparer if preparer is not None else BatchPreparer(0)
+        # A local store is written by `prepare_batch` too, in the helper where there is
+        # one; another (S3) is written here.
+        self._store = portable_store(ctx.objects)
         # Submissions and the nonces of worker calls are written by group commit
         # (`storage.batches.GroupCommitter`): one transaction, one fsync, for all the
         # requests that arrive while the previous commit runs.
@@ -478,6 +482,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reward_spec=state.reward_spec,
             reward_spec_hash=run.reward_spec_hash,
             now_ms=now,
+            object_prefix=f"runs/{run.run_id}/batches/{worker.worker_id}/",
+            store=self._store,
         )
         return job, state
 
@@ -525,11 +531,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         nonce: PendingNonce,
     ) -> worker_pb2.SubmitRolloutsResponse:
         ctx = self._ctx
-        key = f"runs/{state.run_id}/batches/{worker.worker_id}/{draft.payload_sha256}.parquet"
-
-        # Off the event loop, and not on the database threads: the object's fsyncs
-        # would hold them.
-        await asyncio.to_thread(ctx.objects.put, key, batch.parquet)
+        key = batch.object_key
+        if batch.parquet:  # not written by `prepare_batch`
+            # Off the event loop, and not on the database threads: the object's fsyncs
+            # would hold them.
+            await asyncio.to_thread(ctx.objects.put, key, batch.parquet)
         audit = should_audit(worker.valid_streak, ctx.config.audit, self._rng)
         kinds = [AuditKind(k) for k in ctx.config.audit.kinds]
         # A completion another worker already had accepted is what a copier sends, but
