@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.batches import BatchDraft, Rejection, SampleIndex
@@ -26,6 +26,7 @@ from coderepair.coordinator.storage.errors import (
 from coderepair.coordinator.storage.models import AuditKind, BatchState, LeaseState, Worker
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
     from storage_support import StorageWorld
 
 T0 = 1_700_000_000_000
@@ -433,3 +434,77 @@ def test_a_batch_s_rollout_rows_go_in_as_one_statement(storage_world: StorageWor
     assert inserts[0].count("), (") == 3 * G - 1  # one VALUES group per row
     rows = batches.read_stream(world.db, "r1", 0, 100)
     assert [r.cursor for r in rows] == list(range(1, 3 * G + 1))
+
+
+def _savepoints(world: StorageWorld) -> tuple[list[str], object]:
+    names: list[str] = []
+
+    def seen(_conn: object, name: str) -> None:
+        names.append(name)
+
+    event.listen(world.db.engine, "savepoint", seen)
+    return names, seen
+
+
+def test_a_group_of_one_commits_without_a_savepoint_and_a_failure_writes_nothing(
+    storage_world: StorageWorld,
+) -> None:
+    world = storage_world
+    committer = batches.GroupCommitter(world.db)
+    lease_id = _lease(world, world.alice, ["t1"])
+    key = "key-a-000000000088"
+    draft = _draft(world, world.alice, lease_id, _samples(["t1"], key), key)
+    refused = replace(
+        draft, idempotency_key="key-a-000000000089", samples=[], rejection=Rejection("X", "x")
+    )
+
+    def fails_after_writing(session: Session) -> None:
+        assert batches.record_in(session, refused, T0).created
+        raise ValueError("refused after its writes")
+
+    savepoints, seen = _savepoints(world)
+    try:
+        recorded = committer.submit(lambda s: batches.record_in(s, draft, T0 + 1)).result(10)
+        failed = committer.submit(fails_after_writing)
+        with pytest.raises(ValueError, match="refused after its writes"):
+            failed.result(10)
+    finally:
+        event.remove(world.db.engine, "savepoint", seen)
+    assert savepoints == []
+    assert recorded.created and batches.get_batch(world.db, recorded.batch.batch_id)
+    # The failed operation's batch row went with its transaction: the key is free.
+    assert batches.record_batch(world.db, refused, T0 + 2).created
+
+
+def test_a_group_of_several_keeps_one_savepoint_each(storage_world: StorageWorld) -> None:
+    world = storage_world
+    committer = batches.GroupCommitter(world.db)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(_session: Session) -> str:
+        busy.set()
+        release.wait(10)
+        return "held"
+
+    def ok_op(session: Session) -> str:
+        session.execute(text("SELECT 1"))  # a savepoint is opened at the first statement
+        return "ok"
+
+    def boom(session: Session) -> None:
+        session.execute(text("SELECT 1"))
+        raise ValueError("only me")
+
+    savepoints, seen = _savepoints(world)
+    try:
+        first = committer.submit(hold)
+        assert busy.wait(10)
+        # Queued while the thread is busy: these two commit together.
+        ok = committer.submit(ok_op)
+        bad = committer.submit(boom)
+        release.set()
+        assert first.result(10) == "held" and ok.result(10) == "ok"
+        with pytest.raises(ValueError, match="only me"):
+            bad.result(10)
+    finally:
+        event.remove(world.db.engine, "savepoint", seen)
+    assert len(savepoints) == 2

@@ -88,15 +88,22 @@ def insert_ignoring_conflicts(session: Session, table: Table, values: Mapping[st
     committed makes this wait for that transaction: the answer is never a guess.
     """
     dialect = Dialect(session.get_bind().dialect.name)
-    module: Any = postgresql if dialect is Dialect.POSTGRESQL else sqlite
-    # RETURNING, not rowcount: psycopg reports rowcount -1 for this statement.
-    statement = (
-        module.insert(table)
-        .values(**values)
-        .on_conflict_do_nothing()
-        .returning(*table.primary_key.columns)
-    )
-    return session.execute(statement).first() is not None
+    statement = _INSERT_IGNORING.get((dialect, table))
+    if statement is None:
+        module: Any = postgresql if dialect is Dialect.POSTGRESQL else sqlite
+        # RETURNING, not rowcount: psycopg reports rowcount -1 for this statement.
+        statement = (
+            module.insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        )
+        _INSERT_IGNORING[(dialect, table)] = statement
+    # The values as parameters of one statement object, not baked into a new one: the
+    # nonce of every signed request comes through here, and a fresh statement costs
+    # SQLAlchemy a cache-key walk over its values each time.
+    return session.execute(statement, dict(values)).first() is not None
+
+
+# One statement per (dialect, table); a cache of immutable SQL constructs, filled once.
+_INSERT_IGNORING: dict[tuple[Dialect, Table], Any] = {}
 
 
 def _for_update(db: Database) -> dict[str, Any]:
