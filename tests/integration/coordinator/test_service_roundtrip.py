@@ -5,6 +5,7 @@ server (moto); plus idempotent retries, lease expiry, audits and the admin servi
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -177,6 +178,26 @@ async def test_a_helper_refuses_in_band_and_a_killed_one_costs_no_batch(
         assert sum(not a.replayed_response for a in answers) == 1
         assert coordinator.preparer.pids() not in ([], [helper])
         assert len(await clients.stream(keys.trainer)) == 2
+
+
+async def test_the_sweep_checkpoints_the_wal_the_commits_leave(
+    tmp_path: Path, assets: dict[str, Path], keys: Keys
+) -> None:
+    config = make_config(tmp_path, assets, keys, server={"sweep_interval_s": 600})
+    async for coordinator, clients in _open(config):
+        db = coordinator.context.db
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        await _first_payload(clients, keys, assets)
+        calls: list[None] = []
+        db.checkpoint = functools.partial(_counted, calls, db.checkpoint)  # type: ignore[method-assign]
+        await coordinator.sweep_once()
+        assert calls == [None]
+
+
+def _counted(calls: list[None], checkpoint: Callable[[], None]) -> None:
+    calls.append(None)
+    checkpoint()
 
 
 async def _first_payload(

@@ -238,3 +238,45 @@ def test_writers_of_one_process_queue_for_the_sqlite_lock(tmp_path: Path) -> Non
             second.execute(text("INSERT INTO t VALUES (8, 8)"))
     db.close()
     other.close()
+
+
+def _wal_frames(path: Path) -> tuple[int, int]:
+    """(frames in the WAL, frames of them copied into the database file)."""
+    with sqlite3.connect(path) as probe:
+        _busy, log, done = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return log, done
+
+
+def test_without_autocheckpoint_commits_leave_the_wal_to_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    db = Database.open(f"sqlite:///{path}", sqlite_autocheckpoint=False)
+    default = Database.open(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        with default.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+        with db.write() as session:
+            session.execute(text("CREATE TABLE t (x BLOB)"))
+        # Past the default's 1,000 pages: with auto-checkpoints the commit would copy it.
+        for _ in range(6):
+            with db.write() as session:
+                session.execute(text("INSERT INTO t VALUES (randomblob(1000000))"))
+        wal = path.with_name("c.db-wal")
+        grown = wal.stat().st_size
+        assert grown > 4096 * 1000
+        db.checkpoint()
+        log, done = _wal_frames(path)
+        assert log == done  # everything copied by the checkpoint
+        with db.write() as session:  # the next writer starts the WAL over
+            session.execute(text("INSERT INTO t VALUES (1)"))
+        assert _wal_frames(path)[0] < 10
+    finally:
+        db.close()
+        default.close()
+
+
+def test_checkpoint_is_nothing_on_postgresql_urls() -> None:
+    db = Database.open("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    db.checkpoint()  # no connection is even opened
+    db.close()

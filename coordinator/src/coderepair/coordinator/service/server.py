@@ -8,8 +8,9 @@ task pool, register the three contract services plus health and reflection, bind
 start the loops:
 
 - the sweep (every ``server.sweep_interval_s``): expired leases go back to the pool,
-  audit windows close (credit granted, streaks grow), old nonces are forgotten, and
-  the pools re-read which tasks open leases hold;
+  audit windows close (credit granted, streaks grow), old nonces are forgotten, the
+  pools re-read which tasks open leases hold, and SQLite's WAL is checkpointed (its
+  commits do not, so no submission waits for one);
 - the in-process audit loop (``audit.in_process``), running the given `Auditor` or
   the one ``audit.auditor`` names (`service.auditor.build_auditor`);
 - the operators' dashboard (``dashboard.enabled``): page, /api/stats, /metrics, /healthz;
@@ -151,18 +152,22 @@ async def open_context(
     clock_ms: Callable[[], int] = wall_clock_ms,
     metrics: CoordinatorMetrics | None = None,
     setup_database: bool = True,
+    checkpoints_in_sweep: bool = False,
 ) -> ServiceContext:
     """Open the database, the object store and the configured runs' pools.
 
     ``setup_database``: migrate the schema to head and create (or check) every run's
     row, as a serving coordinator does; a validator process only reads what a
     coordinator set up, so that several of them never race on a migration.
+    ``checkpoints_in_sweep``: SQLite commits leave the WAL's checkpoints to the caller's
+    sweep (`Database.checkpoint`), as a serving coordinator's do.
     """
     threads = config.server.db_threads
     db = Database.open(
         config.database.url,
         pool_size=threads,
         sqlite_synchronous=SqliteSync(config.database.sqlite_synchronous),
+        sqlite_autocheckpoint=not checkpoints_in_sweep,
     )
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="coordinator-db")
     try:
@@ -256,6 +261,7 @@ class Coordinator:
             clock_ms=self._clock_ms,
             metrics=self.metrics,
             setup_database=True,
+            checkpoints_in_sweep=True,
         )
         db = ctx.db
         self._ctx = ctx
@@ -357,6 +363,7 @@ class Coordinator:
         )
         await ctx.call(repo.prune_nonces, ctx.db, now)
         await self._resync_pools()
+        await ctx.call(ctx.db.checkpoint)
 
     async def _sweep_forever(self) -> None:
         interval = self.config.server.sweep_interval_s

@@ -34,7 +34,8 @@ operations of concurrent requests (`record_in`, `remember_nonce_in`) in one shar
 transaction, each inside its own SAVEPOINT: an operation that fails rolls back to its
 savepoint and gets its exception, the others go on; the group commits once, and only
 then does each caller get its result. So an acknowledgement still means "committed",
-and every operation keeps its own all-or-nothing behaviour.
+and every operation keeps its own all-or-nothing behaviour. A group of one needs no
+savepoint (its failure rolls the transaction back) and gets none.
 """
 
 from __future__ import annotations
