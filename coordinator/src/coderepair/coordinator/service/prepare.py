@@ -10,7 +10,8 @@ load the waits add up: on the project's 2-core reference machine a submit's p99 
 
 `BatchPreparer` runs that work in `processes` helper processes (`server.prepare_processes`):
 the event loop sends the signed payload's bytes and what the lease says (a few KiB of
-plain data) and gets back the digests and the Parquet bytes. With ``processes=0`` it
+plain data) over a pipe and gets back the digests (see "helper processes" below for
+why not `ProcessPoolExecutor`). With ``processes=0`` it
 runs in a thread of this process instead, as a coordinator without helpers does; both
 paths call the same function, `prepare_batch`, so they give the same answers.
 
@@ -19,11 +20,11 @@ also writes the Parquet object (content-addressed, fsynced, before the caller co
 as the caller would); otherwise it returns the bytes and the caller writes them. The
 caller commits after either, so durability and ordering stay where they were.
 
-A helper that dies (killed, out of memory) breaks its pool: the jobs in flight are run
-again on a fresh one (they have no side effects), so a crash costs those submissions a
-few milliseconds and not the service. A job whose second helper dies too fails with
-`PreparerBrokenError`, which the servicer answers UNAVAILABLE (retryable) with nothing
-written.
+A helper that dies (killed, out of memory) is replaced, and the jobs it held are run
+again on a fresh one (they have no side effects; a write of the object is
+content-addressed), so a crash costs those submissions a second and not the service. A
+job whose second helper dies too fails with `PreparerBrokenError`, which the servicer
+answers UNAVAILABLE (retryable) with nothing written.
 """
 
 from __future__ import annotations
