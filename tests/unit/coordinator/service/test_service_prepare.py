@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from coderepair.coordinator.service.prepare import (
 from coderepair.coordinator.service.validation import LeaseView, check_batch
 from coderepair.coordinator.service.wire import SubmitView
 from coderepair.coordinator.storage.batches import completion_digest
-from coderepair.coordinator.storage.models import Lease, LeaseState
+from coderepair.coordinator.storage.models import Lease
 from coderepair.coordinator.storage.objects import LocalObjectStore
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
@@ -90,18 +91,25 @@ def _job(payload: worker_pb2.SubmitPayload) -> PrepareJob:
 
 
 def _checked(payload: worker_pb2.SubmitPayload) -> Any:
-    lease = Lease(lease_id="L1", policy_version=3, state=LeaseState.OPEN)
+    """check_batch itself, with the arguments `_job` gives the helper."""
+    job = _job(payload)
+    lease = Lease(lease_id=job.lease_id, policy_version=job.lease_policy_version)
     return check_batch(
-        SubmitView.FromString(payload.SerializeToString()),
-        LeaseView(lease=lease, tasks=TASKS, prompts=PROMPTS),
-        run_id="r1",
-        worker_key_hex="b" * 64,
-        group_size=2,
-        max_new_tokens=8,
-        reward_spec=SPEC,
-        reward_spec_hash=SPEC.spec_hash(),
-        now_ms=5,
+        SubmitView.FromString(job.payload),
+        LeaseView(lease=lease, tasks=job.tasks, prompts=job.prompts),
+        **{k: getattr(job, k) for k in _CHECK_ARGS},
     )
+
+
+_CHECK_ARGS = (
+    "run_id",
+    "worker_key_hex",
+    "group_size",
+    "max_new_tokens",
+    "reward_spec",
+    "reward_spec_hash",
+    "now_ms",
+)
 
 
 def test_a_prepared_batch_is_what_check_batch_and_the_digests_give() -> None:
@@ -209,6 +217,11 @@ def _always_die(job: PrepareJob) -> PreparedBatch:
     os._exit(1)
 
 
+def _stall(job: PrepareJob) -> PreparedBatch:
+    time.sleep(60)
+    return prepare_batch(job)
+
+
 def _where(job: PrepareJob) -> PreparedBatch:
     return PreparedBatch(payload_sha256=str(os.getpid()))
 
@@ -277,6 +290,17 @@ async def test_a_job_that_kills_every_helper_fails_as_broken() -> None:
             await dying.prepare(_job(_payload()))
     finally:
         await dying.shutdown()
+
+
+@pytest.mark.slow
+async def test_shutdown_fails_a_job_its_killed_helper_still_held() -> None:
+    preparer = BatchPreparer(1, fn=_stall)
+    await preparer.start()
+    stuck = asyncio.create_task(preparer.prepare(_job(_payload())))
+    await asyncio.sleep(0.3)  # the job is in the helper
+    await preparer.shutdown(timeout_s=0.5)  # the helper does not exit: killed
+    with pytest.raises(PreparerBrokenError):
+        await asyncio.wait_for(stuck, 10)
 
 
 def test_a_negative_helper_count_is_refused() -> None:

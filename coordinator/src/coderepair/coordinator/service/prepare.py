@@ -280,8 +280,7 @@ class _Helper:
             future.set_exception(value)
 
     def died(self) -> None:
-        if not self.alive:
-            return
+        """Fail whatever it still held (idempotent: also after `close`)."""
         self.alive = False
         broken = PreparerBrokenError(f"batch-preparing helper {self.process.pid} died")
         if not self.ready.done():
