@@ -328,3 +328,52 @@ def test_a_group_commit_that_loses_a_deadlock_is_retried_whole(world: World) -> 
     assert other_done.is_set()
     assert runs.count("first") >= 2  # the group ran again after the deadlock
     assert batches.is_transient(ValueError()) is False
+
+
+def test_a_group_locks_its_workers_in_order_and_waits_instead_of_deadlocking(
+    world: World,
+) -> None:
+    """A sweep-like transaction locks workers A then B (id order, as every transaction
+    that locks several workers does). A group whose first operation is B's and second
+    A's locks both up front in that same order, so it waits for the sweep instead of
+    deadlocking with it: each operation runs once and the sweep commits. (Taken one
+    operation at a time the group held B while waiting for A: a deadlock, and its whole
+    group rolled back and ran again.)"""
+    a, b = sorted(w.worker_id for w in world.workers[:2])
+    lock = select(Worker.worker_id).where(Worker.worker_id == bindparam("w")).with_for_update()
+    a_held, other_done = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def other() -> None:
+        with world.db.write() as session:
+            session.execute(text("SET LOCAL deadlock_timeout = '20s'"))
+            session.execute(lock, {"w": a})
+            a_held.set()
+            time.sleep(0.5)  # the group has started by now
+            session.execute(lock, {"w": b})
+        other_done.set()
+
+    def locking(worker_id: str) -> Callable[[Session], str]:
+        def run(session: Session) -> str:
+            runs.append(worker_id)
+            session.execute(lock, {"w": worker_id})
+            return worker_id
+
+        return run
+
+    committer = batches.GroupCommitter(world.db)
+    release = threading.Event()
+    blocker = committer.submit(lambda session: release.wait(30))
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert a_held.wait(30)
+    futures = [  # one group, after the blocker
+        committer.submit(locking(b), worker_id=b),
+        committer.submit(locking(a), worker_id=a),
+    ]
+    release.set()
+    assert blocker.result(30) is True
+    assert [f.result(60) for f in futures] == [b, a]
+    thread.join(60)
+    assert other_done.is_set()
+    assert runs == [b, a]  # once each: nobody was chosen as a deadlock victim

@@ -143,7 +143,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             nonce.remember_or_refuse(session)
             return batches.record_in(session, draft, now)
 
-        return await asyncio.wrap_future(self._committer.submit(operation))
+        future = self._committer.submit(operation, worker_id=draft.worker_id)
+        return await asyncio.wrap_future(future)
 
     # ---------------------------------------------------------------- helpers
 

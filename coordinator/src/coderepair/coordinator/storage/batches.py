@@ -35,7 +35,10 @@ transaction, each inside its own SAVEPOINT: an operation that fails rolls back t
 savepoint and gets its exception, the others go on; the group commits once, and only
 then does each caller get its result. So an acknowledgement still means "committed",
 and every operation keeps its own all-or-nothing behaviour. A group of one needs no
-savepoint (its failure rolls the transaction back) and gets none.
+savepoint (its failure rolls the transaction back) and gets none. A group of several
+locks its operations' workers first, in id order, so that it keeps the lock order of
+`storage.repo` (worker, lease, run, batch) as a whole and cannot deadlock with the
+sweep or another replica's group.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from sqlalchemy import Connection, Select, Table, bindparam, func, insert, selec
 from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits
-from coderepair.coordinator.storage.db import Database, is_transient
+from coderepair.coordinator.storage.db import Database, Dialect, is_transient
 from coderepair.coordinator.storage.errors import (
     ConflictError,
     CursorBeyondHeadError,
@@ -212,6 +215,13 @@ _INSERT_CREDIT = insert(cast(Table, CreditEntry.__table__))
 _LOCK_WORKER = (
     select(_workers.c.state, _workers.c.ban_reason)
     .where(_workers.c.worker_id == bindparam("worker_id"))
+    .with_for_update()
+)
+# ORDER BY before FOR UPDATE: PostgreSQL locks the rows as the sort returns them.
+_LOCK_WORKERS = (
+    select(_workers.c.worker_id)
+    .where(_workers.c.worker_id.in_(bindparam("worker_ids", expanding=True)))
+    .order_by(_workers.c.worker_id)
     .with_for_update()
 )
 _FIND_KEY = select(_batches).where(
@@ -578,6 +588,7 @@ _TRANSIENT_RETRIES = 5
 class _Op(Generic[_T]):
     run: Callable[[Session], _T]
     future: Future[_T]
+    worker_id: str | None = None
 
 
 class GroupCommitter:
@@ -602,9 +613,17 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, run: Callable[[Session], _T]) -> Future[_T]:
-        """Queue ``run(session)``; its future holds the result or exception after commit."""
-        op: _Op[_T] = _Op(run, Future())
+    def submit(self, run: Callable[[Session], _T], *, worker_id: str | None = None) -> Future[_T]:
+        """Queue ``run(session)``; its future holds the result or exception after commit.
+
+        ``worker_id``: the worker row ``run`` locks (`record_in` does, first thing). A
+        group locks the rows of all its operations up front, in id order, as every
+        other transaction that locks several workers does (module docstring of
+        `storage.repo`): taken one operation at a time, in arrival order and after the
+        previous operation's lease and run, they could deadlock with a sweep or another
+        replica's group, and the loser's whole group would be rolled back and rerun.
+        """
+        op: _Op[_T] = _Op(run, Future(), worker_id)
         self._queue.put(op)
         with self._lock:
             if self._thread is None:
@@ -667,8 +686,12 @@ class GroupCommitter:
 
     def _run_together(self, group: list[_Op[Any]], outcomes: list[tuple[bool, Any]]) -> None:
         """Each operation in a savepoint of one transaction: a failed one is rolled
-        back alone, the others commit."""
+        back alone, the others commit. The group's workers are locked first, in order
+        (`submit`); a single-writer SQLite has no row locks to order."""
         with self._db.write() as session:
+            workers = sorted({op.worker_id for op in group if op.worker_id is not None})
+            if len(workers) > 1 and self._db.dialect is not Dialect.SQLITE:
+                session.connection().execute(_LOCK_WORKERS, {"worker_ids": workers}).all()
             for op in group:
                 try:
                     with session.begin_nested():
