@@ -283,48 +283,64 @@ def test_conditional_updates_decide_on_postgresql(world: World) -> None:
     assert batches.read_stream(world.db, "r1", 0, 100) == []
 
 
+_LOCK = select(Worker.worker_id).where(Worker.worker_id == bindparam("w")).with_for_update()
+
+
+def _one_group_beside(
+    db: Database,
+    other: Callable[[], None],
+    started: threading.Event,
+    ops: list[tuple[Callable[[Session], str], str | None]],
+) -> list[str]:
+    """Run `other` (a transaction) in a thread; once it has `started`, commit `ops`
+    ((run, worker_id) pairs) as one group, queued behind a blocking operation so that
+    they form one, and return their results after `other` has ended."""
+    committer = batches.GroupCommitter(db)
+    release = threading.Event()
+    blocker = committer.submit(lambda session: release.wait(30))
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert started.wait(30)
+    futures = [committer.submit(run, worker_id=worker_id) for run, worker_id in ops]
+    release.set()
+    assert blocker.result(30) is True
+    results = [f.result(60) for f in futures]
+    thread.join(60)
+    return results
+
+
 def test_a_group_commit_that_loses_a_deadlock_is_retried_whole(world: World) -> None:
     """Another transaction (a sweep) holds worker B and waits for worker A, which the
     group's first operation holds, while its second waits for B. PostgreSQL fails the
     group (the other side waits longer before it looks for deadlocks); the group rolls
     back, which lets the other transaction finish, and then commits on its retry."""
     a, b = world.workers[0].worker_id, world.workers[1].worker_id
-    lock = select(Worker.worker_id).where(Worker.worker_id == bindparam("w")).with_for_update()
     a_held, b_held, other_done = threading.Event(), threading.Event(), threading.Event()
     runs: list[str] = []
 
     def other() -> None:
         with world.db.write() as session:
             session.execute(text("SET LOCAL deadlock_timeout = '20s'"))
-            session.execute(lock, {"w": b})
+            session.execute(_LOCK, {"w": b})
             b_held.set()
             assert a_held.wait(30)
-            session.execute(lock, {"w": a})  # waits for the group's first operation
+            session.execute(_LOCK, {"w": a})  # waits for the group's first operation
         other_done.set()
 
     def first(session: Session) -> str:
         runs.append("first")
-        session.execute(lock, {"w": a})
+        session.execute(_LOCK, {"w": a})
         a_held.set()
         time.sleep(0.5)  # the other transaction is waiting for `a` by now
         return "first"
 
     def second(session: Session) -> str:
         runs.append("second")
-        session.execute(lock, {"w": b})
+        session.execute(_LOCK, {"w": b})
         return "second"
 
-    committer = batches.GroupCommitter(world.db)
-    release = threading.Event()
-    blocker = committer.submit(lambda session: release.wait(30))
-    thread = threading.Thread(target=other)
-    thread.start()
-    assert b_held.wait(30)
-    futures = [committer.submit(first), committer.submit(second)]  # one group, after blocker
-    release.set()
-    assert blocker.result(30) is True
-    assert [f.result(60) for f in futures] == ["first", "second"]
-    thread.join(60)
+    results = _one_group_beside(world.db, other, b_held, [(first, None), (second, None)])
+    assert results == ["first", "second"]
     assert other_done.is_set()
     assert runs.count("first") >= 2  # the group ran again after the deadlock
     assert batches.is_transient(ValueError()) is False
@@ -340,40 +356,27 @@ def test_a_group_locks_its_workers_in_order_and_waits_instead_of_deadlocking(
     operation at a time the group held B while waiting for A: a deadlock, and its whole
     group rolled back and ran again.)"""
     a, b = sorted(w.worker_id for w in world.workers[:2])
-    lock = select(Worker.worker_id).where(Worker.worker_id == bindparam("w")).with_for_update()
     a_held, other_done = threading.Event(), threading.Event()
     runs: list[str] = []
 
     def other() -> None:
         with world.db.write() as session:
             session.execute(text("SET LOCAL deadlock_timeout = '20s'"))
-            session.execute(lock, {"w": a})
+            session.execute(_LOCK, {"w": a})
             a_held.set()
             time.sleep(0.5)  # the group has started by now
-            session.execute(lock, {"w": b})
+            session.execute(_LOCK, {"w": b})
         other_done.set()
 
     def locking(worker_id: str) -> Callable[[Session], str]:
         def run(session: Session) -> str:
             runs.append(worker_id)
-            session.execute(lock, {"w": worker_id})
+            session.execute(_LOCK, {"w": worker_id})
             return worker_id
 
         return run
 
-    committer = batches.GroupCommitter(world.db)
-    release = threading.Event()
-    blocker = committer.submit(lambda session: release.wait(30))
-    thread = threading.Thread(target=other)
-    thread.start()
-    assert a_held.wait(30)
-    futures = [  # one group, after the blocker
-        committer.submit(locking(b), worker_id=b),
-        committer.submit(locking(a), worker_id=a),
-    ]
-    release.set()
-    assert blocker.result(30) is True
-    assert [f.result(60) for f in futures] == [b, a]
-    thread.join(60)
+    results = _one_group_beside(world.db, other, a_held, [(locking(b), b), (locking(a), a)])
+    assert results == [b, a]
     assert other_done.is_set()
     assert runs == [b, a]  # once each: nobody was chosen as a deadlock victim
