@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier, Event
@@ -952,7 +953,7 @@ def bench_parquet_pools(n: int, tasks_per_batch: int) -> dict[str, Any]:
     return out
 
 
-def _insert_times(engine: Any, statement: Any, rows: list[dict[str, Any]], n: int) -> list[float]:
+def _insert_times(engine: Any, insert_rows: Callable[[Any], Any], n: int) -> list[float]:
     from sqlalchemy import delete
 
     from coderepair.coordinator.storage.models import Rollout
@@ -961,7 +962,7 @@ def _insert_times(engine: Any, statement: Any, rows: list[dict[str, Any]], n: in
     for _ in range(n):
         started = time.perf_counter()
         with engine.begin() as connection:
-            connection.execute(statement, rows)
+            insert_rows(connection)
         times.append(time.perf_counter() - started)
         with engine.begin() as connection:
             connection.execute(delete(Rollout.__table__))
@@ -1014,7 +1015,11 @@ def bench_rollout_insert(n: int, per_batch: int) -> dict[str, Any]:
         }
         for i in range(per_batch)
     ]
-    forms = {"one_statement": batches._INSERT_ROLLOUTS, "executemany": insert(Rollout.__table__)}
+    as_tuples = [tuple(row[c] for c in batches._ROLLOUT_COLUMNS) for row in rows]
+    forms: dict[str, Callable[[Any], Any]] = {
+        "one_statement": lambda c: batches._insert_rollouts(c, as_tuples),
+        "executemany": lambda c: c.execute(insert(Rollout.__table__), rows),
+    }
     out: dict[str, Any] = {}
     stop = threading.Event()
 
@@ -1027,8 +1032,8 @@ def bench_rollout_insert(n: int, per_batch: int) -> dict[str, Any]:
             spinner = threading.Thread(target=spin) if beside != "alone" else None
             if spinner is not None:
                 spinner.start()
-            for form, statement in forms.items():
-                times = _insert_times(engine, statement, rows, n)
+            for form, insert_rows in forms.items():
+                times = _insert_times(engine, insert_rows, n)
                 out[f"{form}_{beside}_p50_ms"] = round(_percentile(times, 0.5) * 1000, 2)
             if spinner is not None:
                 stop.set()

@@ -436,6 +436,52 @@ def test_a_batch_s_rollout_rows_go_in_as_one_statement(storage_world: StorageWor
     assert [r.cursor for r in rows] == list(range(1, 3 * G + 1))
 
 
+def test_a_batch_over_the_statement_limit_goes_in_as_several_whole_inserts(
+    storage_world: StorageWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The driver caps the parameters of one statement (PostgreSQL at 65535), so a big
+    # batch is cut into several multi-row INSERTs; every row must land as drafted.
+    monkeypatch.setattr(batches, "_ROWS_PER_INSERT", 5)
+    world = storage_world
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    tasks = ["t1", "t2", "t3"]
+    lease_id = _lease(world, world.alice, tasks)
+    samples = _samples(tasks, "c")
+    draft = _draft(world, world.alice, lease_id, samples, "key-a-000000000078")
+    event.listen(world.db.engine, "before_cursor_execute", seen)
+    try:
+        recorded = batches.record_batch(world.db, draft, T0 + 1)
+    finally:
+        event.remove(world.db.engine, "before_cursor_execute", seen)
+    inserts = [s for s in statements if s.startswith("INSERT INTO rollouts")]
+    assert [i.count("), (") + 1 for i in inserts] == [5, 5, 2]
+    with world.db.read() as session:
+        stored = session.execute(
+            text(
+                "SELECT cursor, batch_id, row_index, task_id, sample_index, worker_id, "
+                "policy_version, completion_sha256, n_completion_tokens, reward, "
+                "accepted_unix_ms, voided FROM rollouts ORDER BY cursor"
+            )
+        ).all()
+    assert [tuple(r) for r in stored] == [
+        (i + 1, recorded.batch.batch_id, s.row_index, s.task_id, s.sample_index,
+         world.alice.worker_id, 0, s.completion_sha256, s.n_completion_tokens, s.reward,
+         T0 + 1, False)
+        for i, s in enumerate(samples)
+    ]  # fmt: skip
+
+
+def test_the_rollout_insert_names_every_column_of_the_table() -> None:
+    # The positional INSERT lists its columns itself: a column added to the model
+    # without a default must be added there too, or every accepted batch fails.
+    table = batches._rollouts
+    assert sorted(batches._ROLLOUT_COLUMNS) == sorted(c.key for c in table.columns)
+
+
 def _savepoints(world: StorageWorld) -> tuple[list[str], object]:
     names: list[str] = []
 

@@ -202,14 +202,32 @@ _workers = cast(Table, Worker.__table__)
 _leases = cast(Table, Lease.__table__)
 _runs = cast(Table, Run.__table__)
 _INSERT_BATCH = insert(_batches)
-# RETURNING makes SQLAlchemy send an executemany of rows as one multi-row INSERT
-# ("insertmanyvalues") instead of the driver's executemany, on SQLite as on PostgreSQL.
-# sqlite3 releases the GIL around every statement step, so executemany costs one GIL
-# hand-off per row, and beside a busy thread (the event loop under load) each hand-off
-# can wait a whole switch interval (5 ms). bench/coordinator.py measures the commit of
-# 64 rows beside one CPU-bound thread: 104-155 ms by executemany, 22 ms as one
-# statement, on an otherwise idle machine (about 1 ms either way alone).
-_INSERT_ROLLOUTS = insert(_rollouts).returning(_rollouts.c.cursor)
+# A batch's index rows go in as one multi-row INSERT per `_ROWS_PER_INSERT` rows, not as
+# the driver's executemany: sqlite3 releases the GIL around every statement step, so
+# executemany costs one GIL hand-off per row, and beside a busy thread (the event loop
+# under load) each hand-off can wait a whole switch interval (5 ms). bench/coordinator.py
+# measures the commit of 64 rows beside one CPU-bound thread: 104-155 ms by executemany,
+# 22 ms as one statement, on an otherwise idle machine (about 1 ms either way alone).
+# The statement is the driver's own SQL with positional parameters: SQLAlchemy's
+# multi-row form ("insertmanyvalues") builds and processes a parameter dict per row,
+# about a third of `record_in`'s CPU for a 64-row batch.
+_ROLLOUT_COLUMNS = (
+    "run_id",
+    "cursor",
+    "batch_id",
+    "row_index",
+    "task_id",
+    "sample_index",
+    "worker_id",
+    "policy_version",
+    "completion_sha256",
+    "n_completion_tokens",
+    "reward",
+    "accepted_unix_ms",
+    "voided",
+)
+# PostgreSQL takes at most 65535 parameters in one statement; SQLite 32766.
+_ROWS_PER_INSERT = 1000
 _INSERT_JOBS = insert(cast(Table, AuditJob.__table__))
 _INSERT_CREDIT = insert(cast(Table, CreditEntry.__table__))
 _LOCK_WORKER = (
@@ -469,30 +487,48 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
                 len(matches),
                 ", ".join(k.value for k in extra),
             )
-    connection.execute(
-        _INSERT_ROLLOUTS,
+    _insert_rollouts(
+        connection,
         [
-            {
-                "run_id": draft.run_id,
-                "cursor": first + i,
-                "batch_id": batch_id,
-                "row_index": s.row_index,
-                "task_id": s.task_id,
-                "sample_index": s.sample_index,
-                "worker_id": draft.worker_id,
-                "policy_version": draft.policy_version,
-                "completion_sha256": s.completion_sha256,
-                "n_completion_tokens": s.n_completion_tokens,
-                "reward": s.reward,
-                "accepted_unix_ms": now_ms,
-                "voided": False,
-            }
+            (
+                draft.run_id,
+                first + i,
+                batch_id,
+                s.row_index,
+                s.task_id,
+                s.sample_index,
+                draft.worker_id,
+                draft.policy_version,
+                s.completion_sha256,
+                s.n_completion_tokens,
+                s.reward,
+                now_ms,
+                False,
+            )
             for i, s in enumerate(samples)
         ],
     )
     connection.execute(_SET_CURSORS, {"b_batch_id": batch_id, "first": first, "last": head})
     values.update(first_cursor=first, last_cursor=head)
     return Batch(**values)
+
+
+def _insert_rollouts(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert index rows, given as tuples in `_ROLLOUT_COLUMNS` order (module comment
+    above `_ROLLOUT_COLUMNS`)."""
+    dialect = connection.dialect
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    quote = dialect.identifier_preparer.quote
+    head = (
+        f"INSERT INTO {quote(_rollouts.name)} "
+        f"({', '.join(quote(c) for c in _ROLLOUT_COLUMNS)}) VALUES "
+    )
+    one = "(" + ", ".join([mark] * len(_ROLLOUT_COLUMNS)) + ")"
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        connection.exec_driver_sql(
+            head + ", ".join([one] * len(chunk)), tuple(v for row in chunk for v in row)
+        )
 
 
 def _job_rows(
