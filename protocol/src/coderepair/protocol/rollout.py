@@ -311,14 +311,20 @@ def rollout_table(columns: Mapping[str, Any]) -> pa.Table:
 
 
 def write_table(table: pa.Table, sink: str | Path | IO[bytes]) -> None:
-    """Write a `ROLLOUT_SCHEMA` table as one Parquet file (zstd) to a path or stream."""
+    """Write a `ROLLOUT_SCHEMA` table as one Parquet file (lz4) to a path or stream."""
     if not table.schema.equals(ROLLOUT_SCHEMA, check_metadata=True):
         raise RolloutSchemaError(f"the table's schema is not the rollout schema: {table.schema}")
     target = str(sink) if isinstance(sink, Path) else sink
     # No dictionary pages or column statistics: token ids and texts do not repeat within
     # a batch and nobody filters these files by value. Both cost time and, here, bytes
     # (a 16-rollout batch: 11.6 KB instead of 26.6 KB, 1.3 ms instead of 2.0 ms).
-    pq.write_table(table, target, compression="zstd", use_dictionary=False, write_statistics=False)
+    # lz4, not zstd: the coordinator encodes every batch it accepts, on the path of the
+    # worker's answer. A 64-rollout batch whose proofs, log-probabilities and token ids
+    # look like real ones (random bytes, real numbers, Zipf-distributed ids) took
+    # 1.04 ms and 281 KB with lz4, 1.69 ms and 255 KB with zstd: 10% more bytes for
+    # 40% less CPU. (zstd shrinks only text and repeats much better, and those are
+    # a small part of a batch.)
+    pq.write_table(table, target, compression="lz4", use_dictionary=False, write_statistics=False)
 
 
 def table_parquet_bytes(table: pa.Table) -> bytes:
@@ -332,7 +338,7 @@ def table_parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_parquet(records: Iterable[RolloutRecord], sink: str | Path | IO[bytes]) -> None:
-    """Write records as one Parquet file (zstd) with `ROLLOUT_SCHEMA` to a path or stream."""
+    """Write records as one Parquet file (lz4) with `ROLLOUT_SCHEMA` to a path or stream."""
     write_table(_table(records), sink)
 
 
