@@ -32,7 +32,7 @@ from coderepair.coordinator.service.validation import LeaseView, check_batch
 from coderepair.coordinator.service.wire import SubmitView
 from coderepair.coordinator.storage.batches import completion_digest
 from coderepair.coordinator.storage.models import Lease
-from coderepair.coordinator.storage.objects import LocalObjectStore
+from coderepair.coordinator.storage.objects import LocalObjectStore, ObjectStoreError
 from coderepair.coordinator.storage.repo import LeaseTask
 from coderepair.protocol.proofs import proof_size
 from coderepair.protocol.reward import RewardSpec
@@ -301,6 +301,54 @@ async def test_shutdown_fails_a_job_its_killed_helper_still_held() -> None:
     await preparer.shutdown(timeout_s=0.5)  # the helper does not exit: killed
     with pytest.raises(PreparerBrokenError):
         await asyncio.wait_for(stuck, 10)
+
+
+def _keyed_job(key: str, store: LocalObjectStore) -> PrepareJob:
+    payload = _payload()
+    payload.idempotency_key = key
+    return dataclasses.replace(_job(payload), object_prefix=f"runs/r1/batches/{key}/", store=store)
+
+
+@pytest.mark.slow
+async def test_a_helper_writes_each_object_before_answering_and_answers_in_order(
+    tmp_path: Path,
+) -> None:
+    # The helper's writer thread writes the objects while the helper checks the next
+    # job; each answer must still be its own job's, sent once its object is on disk.
+    store = LocalObjectStore(tmp_path / "objects")
+    jobs = [_keyed_job(f"k{i:015d}", store) for i in range(6)]
+    preparer = BatchPreparer(1)
+    try:
+        await preparer.start()
+        answers = await asyncio.gather(*(preparer.prepare(job) for job in jobs))
+    finally:
+        await preparer.shutdown()
+    for job, answer in zip(jobs, answers, strict=True):
+        expected = prepare_batch(dataclasses.replace(job, store=None))
+        assert answer == dataclasses.replace(expected, parquet=b"")
+        assert store.get(answer.object_key) == expected.parquet
+
+
+@pytest.mark.slow
+async def test_a_failed_object_write_fails_its_job_alone(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    # A file where the job's folder should be: that job's write fails.
+    (tmp_path / "objects" / "runs" / "r1" / "batches").mkdir(parents=True)
+    (tmp_path / "objects" / "runs" / "r1" / "batches" / "k000000000000bad").touch()
+    preparer = BatchPreparer(1)
+    try:
+        await preparer.start()
+        (pid,) = preparer.pids()
+        bad, good = await asyncio.gather(
+            preparer.prepare(_keyed_job("k000000000000bad", store)),
+            preparer.prepare(_keyed_job("k00000000000good", store)),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, ObjectStoreError) and "clashes" in str(bad)
+        assert isinstance(good, PreparedBatch) and store.get(good.object_key)
+        assert preparer.pids() == [pid]  # the helper lives on
+    finally:
+        await preparer.shutdown()
 
 
 def test_a_negative_helper_count_is_refused() -> None:

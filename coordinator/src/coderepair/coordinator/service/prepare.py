@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -39,12 +40,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import queue
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from coderepair.coordinator.service.gate import Refusal
+from coderepair.coordinator.service.tuning import tune_helper_process
 from coderepair.coordinator.service.validation import LeaseView, check_batch
 from coderepair.coordinator.service.wire import SubmitView
 from coderepair.coordinator.storage.models import Lease, LeaseState
@@ -201,17 +205,57 @@ def _helper_main(
     answers: multiprocessing.connection.Connection,
     fn: Callable[[PrepareJob], PreparedBatch],
 ) -> None:
-    """A helper: answer each job until the coordinator closes its end of the pipe."""
+    """A helper: answer each job until the coordinator closes its end of the pipe.
+
+    The object write is pipelined: this thread checks and encodes a job with the
+    store taken out of it, so that `fn` hands the Parquet bytes back, and a writer
+    thread writes them and sends the answer, in job order, while this thread goes
+    on to the next job. A write is mostly waiting for two fsyncs (the file, then its
+    folder), and a burst of submissions queues on this helper: done in line, every
+    job behind it waited for those fsyncs too.
+    """
+    tune_helper_process()
     answers.send_bytes(_READY)
-    while True:
-        try:
-            data = jobs.recv_bytes()
-        except EOFError:
-            return
-        try:
-            answer: tuple[bool, Any] = (True, fn(pickle.loads(data)))
-        except Exception as exc:  # a bug: reported to the caller, the helper lives on
-            answer = (False, exc)
+    outbox: queue.SimpleQueue[tuple[tuple[bool, Any], LocalObjectStore | None] | None]
+    outbox = queue.SimpleQueue()
+    writer = threading.Thread(
+        target=_write_and_answer, args=(outbox, answers), name="prepare-writer", daemon=True
+    )
+    writer.start()
+    try:
+        while True:
+            try:
+                data = jobs.recv_bytes()
+            except EOFError:
+                return
+            store: LocalObjectStore | None = None
+            try:
+                job = pickle.loads(data)
+                store, job = job.store, dataclasses.replace(job, store=None)
+                answer: tuple[bool, Any] = (True, fn(job))
+            except Exception as exc:  # a bug: reported to the caller, the helper lives on
+                answer = (False, exc)
+            outbox.put((answer, store))
+    finally:
+        outbox.put(None)  # the writer answers what is queued, then stops
+        writer.join()
+
+
+def _write_and_answer(
+    outbox: queue.SimpleQueue[tuple[tuple[bool, Any], LocalObjectStore | None] | None],
+    answers: multiprocessing.connection.Connection,
+) -> None:
+    """The helper's writer thread: write each prepared batch's object, then answer."""
+    while (item := outbox.get()) is not None:
+        answer, store = item
+        ok, prepared = answer
+        if ok and store is not None and prepared.parquet:
+            try:
+                # Content-addressed, as in `prepare_batch`.
+                store.put(prepared.object_key, prepared.parquet)
+                answer = (True, dataclasses.replace(prepared, parquet=b""))
+            except Exception as exc:
+                answer = (False, exc)
         try:
             out = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:

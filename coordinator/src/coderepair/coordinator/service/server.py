@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
 import random
 import signal
 from collections.abc import Callable
@@ -43,7 +41,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-import pyarrow as pa
 from prometheus_client import CollectorRegistry
 
 from coderepair.coordinator.config import CoordinatorConfig, ObjectStoreConfig, RunConfig
@@ -58,6 +55,11 @@ from coderepair.coordinator.service.prepare import BatchPreparer
 from coderepair.coordinator.service.scheduler import PromptEncoder, SchedulerError, load_pool
 from coderepair.coordinator.service.stats import open_lease_tasks
 from coderepair.coordinator.service.trainer_service import TrainerServicer
+from coderepair.coordinator.service.tuning import (
+    freeze_startup_heap,
+    steady_arrow_memory_pool,
+    tune_serving_process,
+)
 from coderepair.coordinator.service.worker_service import WorkerServicer
 from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.db import Database, SqliteSync
@@ -447,53 +449,6 @@ class Coordinator:
         tb: TracebackType | None,
     ) -> None:
         await self.shutdown()
-
-
-def tune_serving_process() -> str:
-    """Process-wide settings for the process that owns a started coordinator: the
-    startup heap frozen (`freeze_startup_heap`) and Arrow on a steady memory pool
-    (`steady_arrow_memory_pool`, whose backend name is returned). `Coordinator.run`
-    (``coderepair-coordinator serve``) calls it, not `start`: tests start many
-    coordinators in one process."""
-    freeze_startup_heap()
-    return steady_arrow_memory_pool()
-
-
-def steady_arrow_memory_pool() -> str:
-    """Make jemalloc (else the system allocator) Arrow's default memory pool, unless
-    ``ARROW_DEFAULT_MEMORY_POOL`` names one; returns the backend in use.
-
-    Every accepted batch is encoded as Parquet on the submit path. On one machine,
-    Arrow's default mimalloc pool made about one encoding in a thousand take 50-120 ms
-    of CPU instead of 2 ms (a few percent of them under the bench's load at 200
-    workers), and those were most of the submits slower than 100 ms; on jemalloc or the
-    system pool none exceeded 3 ms, at the same median. Another machine showed no such
-    stalls on any pool (10 ms at most on mimalloc, 6 on jemalloc): the choice costs
-    nothing where mimalloc behaves. bench/coordinator.py ("Parquet encode") measures
-    the three pools on the machine it runs on.
-    """
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        try:
-            pool = pa.jemalloc_memory_pool()
-        except NotImplementedError:  # an Arrow built without jemalloc
-            pool = pa.system_memory_pool()
-        pa.set_memory_pool(pool)
-    return str(pa.default_memory_pool().backend_name)
-
-
-def freeze_startup_heap() -> None:
-    """Exempt everything alive now (modules, task pools, tokenizer, engine) from the
-    cyclic garbage collector: for the process that owns a started coordinator.
-
-    A full (generation 2) collection walks every tracked object. After start-up that is
-    mostly the run's task pools and the libraries' own state, none of which ever becomes
-    garbage, and one walk paused the event loop for about 100 ms, every few seconds under
-    load: the slowest submits of a bench run all queued behind one. Objects created later
-    are collected as before. Process-wide, so `Coordinator.run` calls it, not `start`
-    (tests start many coordinators in one process).
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class ValidatorProcess:
