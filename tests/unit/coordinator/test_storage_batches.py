@@ -224,7 +224,7 @@ def test_a_completion_copied_from_another_worker_is_refused(storage_world: Stora
     world = storage_world
     original = _submit(world, world.alice, ["t1"], "key-original-001")
     copied = _samples(["t1"], "z")
-    copied[2] = replace(copied[2], completion_sha256=_samples(["t1"], "k")[2].completion_sha256)
+    copied[2] = copied[2]._replace(completion_sha256=_samples(["t1"], "k")[2].completion_sha256)
     lease_id = _lease(world, world.bob, ["t1"])
     with pytest.raises(DuplicateCompletionError) as caught:
         batches.record_batch(
@@ -250,7 +250,7 @@ def test_a_copied_completion_is_accepted_and_audited_where_the_draft_says_so(
     world = storage_world
     _submit(world, world.alice, ["t1"], "key-original-002")
     copied = _samples(["t1"], "y")
-    copied[1] = replace(copied[1], completion_sha256=_samples(["t1"], "k")[1].completion_sha256)
+    copied[1] = copied[1]._replace(completion_sha256=_samples(["t1"], "k")[1].completion_sha256)
     on_duplicate = [AuditKind.SAMPLING, AuditKind.PROOF]
     # Not sampled for audit, and no copy: nothing queued.
     lease_id = _lease(world, world.bob, ["t1"])
@@ -285,7 +285,7 @@ def test_accepted_drafts_are_checked(storage_world: StorageWorld) -> None:
         batches.record_batch(world.db, replace(draft, samples=[]), T0)
     with pytest.raises(ConflictError, match="object key"):
         batches.record_batch(world.db, replace(draft, object_key=None), T0)
-    bad_rows = [replace(s, row_index=s.row_index + 1) for s in draft.samples]
+    bad_rows = [s._replace(row_index=s.row_index + 1) for s in draft.samples]
     with pytest.raises(ConflictError, match="row_index"):
         batches.record_batch(world.db, replace(draft, samples=bad_rows), T0)
 

@@ -554,26 +554,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             lease_id=draft.lease_id,
             policy_version=draft.policy_version,
             object_key=key,
-            samples=[
-                batches.SampleIndex(
-                    row_index=i,
-                    task_id=task_id,
-                    sample_index=index,
-                    completion_sha256=digest,
-                    n_completion_tokens=n,
-                    reward=reward,
-                )
-                for i, (task_id, index, digest, n, reward) in enumerate(
+            samples=list(
+                map(
+                    batches.SampleIndex._make,
                     zip(
+                        range(len(batch)),
                         batch.task_ids,
                         batch.sample_indices,
                         batch.completion_sha256,
                         batch.n_completion_tokens,
                         batch.rewards,
                         strict=True,
-                    )
+                    ),
                 )
-            ],
+            ),
             audit_kinds=kinds if audit else [],
             duplicate_audit_kinds=on_duplicate,
         )

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -136,9 +136,13 @@ def packed_completion_digest(task_id: str, ids_u32le: bytes) -> str:
     ).hexdigest()
 
 
-@dataclass(frozen=True)
-class SampleIndex:
-    """The index entry of one accepted sample (its full record is in the Parquet file)."""
+class SampleIndex(NamedTuple):
+    """The index entry of one accepted sample (its full record is in the Parquet file).
+
+    A named tuple, not a dataclass: the servicer builds one per sample of every batch
+    it accepts on the event loop, and `SampleIndex._make` over zipped columns costs a
+    fifth of a frozen dataclass's keyword constructor (64 samples: 17 us against 93).
+    """
 
     row_index: int
     """Position of the sample's row in the batch's Parquet object."""
