@@ -230,7 +230,7 @@ def _helper_main(
                 return
             store: LocalObjectStore | None = None
             try:
-                job = pickle.loads(data)
+                job = _job_from_frame(data)
                 store, job = job.store, dataclasses.replace(job, store=None)
                 answer: tuple[bool, Any] = (True, fn(job))
             except Exception as exc:  # a bug: reported to the caller, the helper lives on
@@ -239,6 +239,14 @@ def _helper_main(
     finally:
         outbox.put(None)  # the writer answers what is queued, then stops
         writer.join()
+
+
+def _job_from_frame(frame: bytes) -> PrepareJob:
+    """A job as `_Helper.send` framed it: the length of the pickled job (without its
+    payload), the pickle, then the payload's bytes."""
+    (size,) = struct.unpack_from("!i", frame)
+    job: PrepareJob = pickle.loads(memoryview(frame)[4 : 4 + size])
+    return dataclasses.replace(job, payload=frame[4 + size :])
 
 
 def _write_and_answer(
@@ -303,11 +311,13 @@ class _Helper:
         self.answers: asyncio.BaseTransport | None = None
 
     def send(self, job: PrepareJob) -> asyncio.Future[PreparedBatch]:
-        data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        # The payload (the bulk of a job) travels beside the pickle, not inside it:
+        # pickling would copy it into a growing buffer first (`_job_frame`).
+        head = pickle.dumps(dataclasses.replace(job, payload=b""), pickle.HIGHEST_PROTOCOL)
         future: asyncio.Future[PreparedBatch] = asyncio.get_running_loop().create_future()
         self.pending.append(future)  # a helper answers its jobs in order
-        self._jobs.write(struct.pack("!i", len(data)))
-        self._jobs.write(data)
+        self._jobs.write(struct.pack("!ii", 4 + len(head) + len(job.payload), len(head)) + head)
+        self._jobs.write(job.payload)
         return future
 
     def answered(self, frame: bytes) -> None:
