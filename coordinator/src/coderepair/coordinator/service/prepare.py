@@ -312,7 +312,7 @@ class _Helper:
 
     def send(self, job: PrepareJob) -> asyncio.Future[PreparedBatch]:
         # The payload (the bulk of a job) travels beside the pickle, not inside it:
-        # pickling would copy it into a growing buffer first (`_job_frame`).
+        # pickling would copy it into a growing buffer first (`_job_from_frame`).
         head = pickle.dumps(dataclasses.replace(job, payload=b""), pickle.HIGHEST_PROTOCOL)
         future: asyncio.Future[PreparedBatch] = asyncio.get_running_loop().create_future()
         self.pending.append(future)  # a helper answers its jobs in order
