@@ -11,16 +11,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, event, select, text
 from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits, batches, repo
 from coderepair.coordinator.storage.batches import BatchDraft, SampleIndex
 from coderepair.coordinator.storage.db import Database, Dialect
-from coderepair.coordinator.storage.errors import ConflictError, JobNotClaimedError
+from coderepair.coordinator.storage.errors import (
+    ConflictError,
+    DuplicateCompletionError,
+    JobNotClaimedError,
+)
 from coderepair.coordinator.storage.migrate import (
     current_revision,
     head_revision,
@@ -186,6 +190,96 @@ def test_concurrent_acceptors_get_gap_free_cursors_seen_in_order(world: World) -
         ranges = sorted(session.execute(select(Batch.first_cursor, Batch.last_cursor)).all())
     assert all(last - first + 1 == 2 * G for first, last in ranges)  # type: ignore[operator]
     assert [r[0] for r in ranges] == list(range(1, total + 1, 2 * G))
+
+
+def test_a_batch_s_rows_go_in_as_one_array_insert_and_land_as_drafted(world: World) -> None:
+    # One array per column (13 parameters), not one VALUES group per row, on PostgreSQL.
+    draft = _draft(world, world.workers[0], "key-pg-arrays-1")
+    statements: list[tuple[str, object]] = []
+
+    def seen(
+        _conn: object, _cursor: object, statement: str, parameters: object, *_r: object
+    ) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(world.db.engine, "before_cursor_execute", seen)
+    try:
+        recorded = batches.record_batch(world.db, draft, T0 + 1)
+    finally:
+        event.remove(world.db.engine, "before_cursor_execute", seen)
+    inserts = [(s, p) for s, p in statements if s.startswith("INSERT INTO rollouts")]
+    assert len(inserts) == 1
+    assert "unnest(" in inserts[0][0] and len(inserts[0][1]) == 13  # type: ignore[arg-type]
+    with world.db.read() as session:
+        stored = session.execute(
+            text(
+                "SELECT cursor, batch_id, row_index, task_id, sample_index, worker_id, "
+                "policy_version, completion_sha256, n_completion_tokens, reward, "
+                "accepted_unix_ms, voided FROM rollouts ORDER BY cursor"
+            )
+        ).all()
+    assert [tuple(r) for r in stored] == [
+        (i + 1, recorded.batch.batch_id, s.row_index, s.task_id, s.sample_index,
+         world.workers[0].worker_id, 0, s.completion_sha256, s.n_completion_tokens, s.reward,
+         T0 + 1, False)
+        for i, s in enumerate(draft.samples)
+    ]  # fmt: skip
+
+
+def test_duplicates_are_found_by_index_probes_before_any_analyze(world: World) -> None:
+    """A copied completion is refused and found on PostgreSQL, and the query probes the
+    digest index even on a big table PostgreSQL has no statistics for (a fresh
+    deployment ingests faster than autovacuum analyses; `IN (...)` then scanned the
+    whole table for every batch)."""
+    alice, bob = world.workers[:2]
+    original = batches.record_batch(world.db, _draft(world, alice, "key-pg-dup-1"), T0 + 1)
+    copied = _draft(world, bob, "key-pg-dup-2")
+    samples = list(copied.samples)
+    samples[3] = samples[3]._replace(completion_sha256=original_digest(original, world, 3))
+    with pytest.raises(DuplicateCompletionError) as caught:
+        batches.record_batch(world.db, replace(copied, samples=samples), T0 + 2)
+    assert [m.batch_id for m in caught.value.matches] == [original.batch.batch_id]
+    assert batches.head_cursor(world.db, "r1") == 2 * G  # nothing of the copy was written
+    digest = samples[3].completion_sha256
+    assert [m.worker_id for m in batches.find_duplicate_completions(world.db, [digest])] == [
+        alice.worker_id
+    ]
+    assert batches.find_duplicate_completions(world.db, [digest], alice.worker_id) == []
+    # 50,000 more rows, never analysed: the plan must still be index probes.
+    with world.db.write() as session:
+        session.execute(
+            text(
+                "INSERT INTO rollouts (run_id, cursor, batch_id, row_index, task_id, "
+                "sample_index, worker_id, policy_version, completion_sha256, "
+                "n_completion_tokens, reward, accepted_unix_ms, voided) "
+                "SELECT 'r1', 1000 + n, :batch, 0, 't1', 0, :worker, 0, md5(n::text) || "
+                "md5(n::text), 1, 0.0, 0, false FROM generate_series(1, 50000) AS n"
+            ),
+            {"batch": original.batch.batch_id, "worker": alice.worker_id},
+        )
+    with world.db.read() as session:
+        plan = "\n".join(
+            row[0]
+            for row in session.connection().exec_driver_sql(
+                "EXPLAIN " + batches._PG_DUPLICATES,
+                {"digests": [f"{n:064x}" for n in range(64)], "worker_id": bob.worker_id},
+            )
+        )
+    assert "Seq Scan on rollouts" not in plan, plan
+    assert "ix_rollouts_completion_sha256" in plan, plan
+
+
+def original_digest(recorded: batches.RecordedBatch, world: World, row_index: int) -> str:
+    """The stored completion digest of one row of a recorded batch."""
+    with world.db.read() as session:
+        return str(
+            session.execute(
+                text(
+                    "SELECT completion_sha256 FROM rollouts WHERE batch_id = :b AND row_index = :r"
+                ),
+                {"b": recorded.batch.batch_id, "r": row_index},
+            ).scalar_one()
+        )
 
 
 def test_skip_locked_claims_never_hand_a_job_to_two_claimers(world: World) -> None:

@@ -439,7 +439,7 @@ def test_a_batch_s_rollout_rows_go_in_as_one_statement(storage_world: StorageWor
 def test_a_batch_over_the_statement_limit_goes_in_as_several_whole_inserts(
     storage_world: StorageWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The driver caps the parameters of one statement (PostgreSQL at 65535), so a big
+    # The driver caps the parameters of one statement (SQLite at 32766), so a big
     # batch is cut into several multi-row INSERTs; every row must land as drafted.
     monkeypatch.setattr(batches, "_ROWS_PER_INSERT", 5)
     world = storage_world

@@ -230,8 +230,21 @@ _ROLLOUT_COLUMNS = (
     "accepted_unix_ms",
     "voided",
 )
-# PostgreSQL takes at most 65535 parameters in one statement; SQLite 32766.
+# SQLite takes at most 32766 parameters in one statement.
 _ROWS_PER_INSERT = 1000
+# On PostgreSQL, one array per column instead: a statement of 13 parameters, whatever the
+# batch size, that the server parses and plans once, where 64 rows of 13 values cost it
+# a new 832-parameter statement to bind (measured alone with a commit each, 64 rows:
+# 3.0-3.3 ms of wall time against 5.3-5.8, and half the client CPU).
+_PG_COLUMN_TYPES = (
+    "text", "bigint", "text", "integer", "text", "integer", "text", "bigint", "text",
+    "integer", "double precision", "bigint", "boolean",
+)  # fmt: skip
+_PG_INSERT_ROLLOUTS = (
+    f"INSERT INTO rollouts ({', '.join(_ROLLOUT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%s::{t}[]" for t in _PG_COLUMN_TYPES)
+    + ")"
+)
 _INSERT_JOBS = insert(cast(Table, AuditJob.__table__))
 _INSERT_CREDIT = insert(cast(Table, CreditEntry.__table__))
 _LOCK_WORKER = (
@@ -281,6 +294,19 @@ _DUPLICATES = (
         _rollouts.c.worker_id != bindparam("worker_id"),
     )
     .limit(100)
+)
+# The same on PostgreSQL, as one index probe per digest. Its planner costs `IN (64
+# values)` from the column's statistics, and rows inserted since the last ANALYZE have
+# none: it then guesses 0.5% of the table per value (a third of it for 64 values) and
+# scans the whole table. On a fresh deployment, which ingests faster than autovacuum
+# analyses, that took 15 ms per batch at 64k rows and grew with the table; a probe per
+# digest under LIMIT is the cheapest plan whatever the statistics say (0.3 ms).
+_PG_DUPLICATES = (
+    "SELECT r.completion_sha256, r.run_id, r.cursor, r.batch_id, r.worker_id "
+    "FROM unnest(%(digests)s::text[]) AS d(digest) CROSS JOIN LATERAL ("
+    "SELECT completion_sha256, run_id, cursor, batch_id, worker_id FROM rollouts "
+    "WHERE completion_sha256 = d.digest AND worker_id <> %(worker_id)s LIMIT 100) AS r "
+    "LIMIT 100"
 )
 _CREDIT_PENDING = (
     update(_workers)
@@ -521,6 +547,9 @@ def _insert_rollouts(connection: Connection, rows: Sequence[tuple[Any, ...]]) ->
     """Insert index rows, given as tuples in `_ROLLOUT_COLUMNS` order (module comment
     above `_ROLLOUT_COLUMNS`)."""
     dialect = connection.dialect
+    if dialect.name == Dialect.POSTGRESQL:
+        connection.exec_driver_sql(_PG_INSERT_ROLLOUTS, tuple(map(list, zip(*rows, strict=True))))
+        return
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     quote = dialect.identifier_preparer.quote
     head = (
@@ -768,7 +797,11 @@ def _duplicates(
 ) -> list[DuplicateMatch]:
     # worker_id None matches every worker ("" is never a worker id).
     params = {"digests": sorted(set(digests)), "worker_id": worker_id or ""}
-    return [DuplicateMatch(*row) for row in connection.execute(_DUPLICATES, params)]
+    if connection.dialect.name == Dialect.POSTGRESQL:
+        rows = connection.exec_driver_sql(_PG_DUPLICATES, params)
+    else:
+        rows = connection.execute(_DUPLICATES, params)
+    return [DuplicateMatch(*row) for row in rows]
 
 
 def find_duplicate_completions(
