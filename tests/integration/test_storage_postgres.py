@@ -37,6 +37,7 @@ from coderepair.coordinator.storage.models import (
     AuditState,
     Batch,
     PolicyKind,
+    Rollout,
     Worker,
 )
 
@@ -211,19 +212,31 @@ def test_a_batch_s_rows_go_in_as_one_array_insert_and_land_as_drafted(world: Wor
     assert len(inserts) == 1
     assert "unnest(" in inserts[0][0] and len(inserts[0][1]) == 13  # type: ignore[arg-type]
     with world.db.read() as session:
-        stored = session.execute(
-            text(
-                "SELECT cursor, batch_id, row_index, task_id, sample_index, worker_id, "
-                "policy_version, completion_sha256, n_completion_tokens, reward, "
-                "accepted_unix_ms, voided FROM rollouts ORDER BY cursor"
-            )
-        ).all()
-    assert [tuple(r) for r in stored] == [
-        (i + 1, recorded.batch.batch_id, s.row_index, s.task_id, s.sample_index,
-         world.workers[0].worker_id, 0, s.completion_sha256, s.n_completion_tokens, s.reward,
-         T0 + 1, False)
-        for i, s in enumerate(draft.samples)
-    ]  # fmt: skip
+        stored = session.scalars(select(Rollout).order_by(Rollout.cursor)).all()
+    assert [r.cursor for r in stored] == list(range(1, 2 * G + 1))
+    assert {
+        (r.batch_id, r.worker_id, r.policy_version, r.accepted_unix_ms, r.voided) for r in stored
+    } == {(recorded.batch.batch_id, world.workers[0].worker_id, 0, T0 + 1, False)}
+    # Each column landed in its own place: every sample's values, found by its row.
+    assert {
+        r.row_index: (
+            r.task_id,
+            r.sample_index,
+            r.completion_sha256,
+            r.n_completion_tokens,
+            r.reward,
+        )
+        for r in stored
+    } == {
+        s.row_index: (
+            s.task_id,
+            s.sample_index,
+            s.completion_sha256,
+            s.n_completion_tokens,
+            s.reward,
+        )
+        for s in draft.samples
+    }
 
 
 def test_duplicates_are_found_by_index_probes_before_any_analyze(world: World) -> None:
