@@ -106,18 +106,24 @@ def _run_threads(n: int, target: Callable[[int], None]) -> None:
         raise errors[0]
 
 
-def _draft(world: World, worker: Worker, key: str, kinds: tuple[AuditKind, ...] = ()) -> BatchDraft:
+def _draft(
+    world: World,
+    worker: Worker,
+    key: str,
+    kinds: tuple[AuditKind, ...] = (),
+    tasks: tuple[str, str] = ("t1", "t2"),
+) -> BatchDraft:
     lease = repo.create_lease(
         world.db,
         run_id="r1",
         worker_id=worker.worker_id,
         policy_version=0,
-        tasks=[repo.LeaseTask("t1", list(range(G))), repo.LeaseTask("t2", list(range(G)))],
+        tasks=[repo.LeaseTask(task, list(range(G))) for task in tasks],
         issued_ms=T0,
         deadline_ms=T0 + 600_000,
     )
     samples = [
-        SampleIndex(i, f"t{1 + i // G}", i % G, batches.completion_digest(key, [i]), 3, 0.0)
+        SampleIndex(i, tasks[i // G], i % G, batches.completion_digest(key, [i]), 3 + i, i / 8)
         for i in range(2 * G)
     ]
     return BatchDraft(
@@ -195,7 +201,10 @@ def test_concurrent_acceptors_get_gap_free_cursors_seen_in_order(world: World) -
 
 def test_a_batch_s_rows_go_in_as_one_array_insert_and_land_as_drafted(world: World) -> None:
     # One array per column (13 parameters), not one VALUES group per row, on PostgreSQL.
-    draft = _draft(world, world.workers[0], "key-pg-arrays-1")
+    # Task ids with what an array literal would have to quote: the values travel as
+    # arrays, and each must come back as it went.
+    tasks = ('t{1}, "q"', "t\\2 é NULL")
+    draft = _draft(world, world.workers[0], "key-pg-arrays-1", tasks=tasks)
     statements: list[tuple[str, object]] = []
 
     def seen(
