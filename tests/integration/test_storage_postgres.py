@@ -254,10 +254,11 @@ def test_duplicates_are_found_by_index_probes_before_any_analyze(world: World) -
     deployment ingests faster than autovacuum analyses; `IN (...)` then scanned the
     whole table for every batch)."""
     alice, bob = world.workers[:2]
-    original = batches.record_batch(world.db, _draft(world, alice, "key-pg-dup-1"), T0 + 1)
+    first = _draft(world, alice, "key-pg-dup-1")
+    original = batches.record_batch(world.db, first, T0 + 1)
     copied = _draft(world, bob, "key-pg-dup-2")
     samples = list(copied.samples)
-    samples[3] = samples[3]._replace(completion_sha256=original_digest(original, world, 3))
+    samples[3] = samples[3]._replace(completion_sha256=first.samples[3].completion_sha256)
     with pytest.raises(DuplicateCompletionError) as caught:
         batches.record_batch(world.db, replace(copied, samples=samples), T0 + 2)
     assert [m.batch_id for m in caught.value.matches] == [original.batch.batch_id]
@@ -289,19 +290,6 @@ def test_duplicates_are_found_by_index_probes_before_any_analyze(world: World) -
         )
     assert "Seq Scan on rollouts" not in plan, plan
     assert "ix_rollouts_completion_sha256" in plan, plan
-
-
-def original_digest(recorded: batches.RecordedBatch, world: World, row_index: int) -> str:
-    """The stored completion digest of one row of a recorded batch."""
-    with world.db.read() as session:
-        return str(
-            session.execute(
-                text(
-                    "SELECT completion_sha256 FROM rollouts WHERE batch_id = :b AND row_index = :r"
-                ),
-                {"b": recorded.batch.batch_id, "r": row_index},
-            ).scalar_one()
-        )
 
 
 def test_skip_locked_claims_never_hand_a_job_to_two_claimers(world: World) -> None:
