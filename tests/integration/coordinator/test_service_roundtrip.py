@@ -313,6 +313,14 @@ async def test_back_pressure_waits_for_the_trainer(
         one = (await clients.lease(bob, max_tasks=4)).lease
         assert len(one.tasks) == 1
         assert not (await clients.lease(alice)).HasField("lease")
+        # The trainer dropped the other two rows while it waits (all-equal rewards): it
+        # acks them as consumed, its checkpoint unchanged, and they leave the count.
+        consumed = trainer_pb2.AckPayload(run_id="r1", cursor=2, consumed_cursor=4)
+        answer = await clients.trainer.AckCursor(
+            trainer_pb2.AckCursorRequest(envelope=signed(keys.trainer, T + "AckCursor", consumed))
+        )
+        assert (answer.acked_cursor, answer.consumed_cursor, answer.head_cursor) == (2, 4, 4)
+        assert len((await clients.lease(alice, max_tasks=4)).lease.tasks) == 1
 
 
 class RejectLongCompletions:

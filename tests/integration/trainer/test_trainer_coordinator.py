@@ -5,14 +5,19 @@ structurally valid samples; their rewards vary within a group so GRPO has a sign
 streamed by `CoordinatorSource`, trained on by the tiny model; versions are published
 (full and delta) to a local object store and announced, and GetPolicy returns them. A run
 stopped after 2 steps and resumed consumes exactly the rows of an uninterrupted run.
+Under back-pressure, rows the trainer drops while it waits free the room for new leases.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -59,8 +64,19 @@ def _weights(output_dir: Path, step: int) -> dict[str, Any]:
     return load_file(output_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
 
 
-@pytest.mark.slow
-async def test_stream_train_publish_resume(tmp_path: Path) -> None:
+@dataclass
+class _Network:
+    coordinator: Coordinator
+    clients: Any
+    keys: Any
+    common: dict[str, Any]
+    """Trainer config fields every test shares."""
+    run_cfg: TrainerConfig
+    """A publishing trainer of 2 steps (version 1, the base model, is published)."""
+
+
+@contextlib.asynccontextmanager
+async def _network(tmp_path: Path, run: dict[str, Any] | None = None) -> AsyncIterator[_Network]:
     tokenizer = H.build_byte_tokenizer(tmp_path / "tokenizer")
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_dir=tokenizer)
     tasks_path = tmp_path / "tasks.jsonl"
@@ -79,7 +95,8 @@ async def test_stream_train_publish_resume(tmp_path: Path) -> None:
         tmp_path,
         assets,
         keys,
-        run={"tokenizer_sha256": tokenizer_sha256(model_dir), "base_model_id": "tiny"},
+        run={"tokenizer_sha256": tokenizer_sha256(model_dir), "base_model_id": "tiny"}
+        | (run or {}),
     )
     # No dashboard: other tests on this machine may hold its default port.
     dashboard = config.dashboard.model_copy(update={"enabled": False})
@@ -121,20 +138,38 @@ async def test_stream_train_publish_resume(tmp_path: Path) -> None:
             announcer.close()
 
         await asyncio.to_thread(publish_base)
+        yield _Network(coordinator, clients, keys, common, run_cfg)
+    finally:
+        await clients.close()
+        await coordinator.shutdown()
 
+
+async def _submit_lease(
+    clients: Any, worker: Identity, rewards: Callable[[int], float], lease: Any = None
+) -> None:
+    """Submit G=2 samples of each of ``lease``'s tasks (else of a new lease of 2 tasks),
+    sample i rewarded ``rewards(i)``."""
+    lease = lease or (await clients.lease(worker, max_tasks=2)).lease
+    assert lease.policy_version == 1
+    samples = H.make_samples(lease)
+    for sample in samples:
+        sample.reward = rewards(sample.sample_index)
+        sample.reward_components.clear()
+        sample.reward_components["fail"] = sample.reward
+    answer = await clients.submit(worker, H.submit_payload(lease, samples))
+    assert answer.accepted, answer.rejection.message
+
+
+@pytest.mark.slow
+async def test_stream_train_publish_resume(tmp_path: Path) -> None:
+    async with _network(tmp_path) as net:
+        coordinator, clients, keys = net.coordinator, net.clients, net.keys
+        common, run_cfg = net.common, net.run_cfg
         # A worker submits 3 leases x 2 tasks x G=2 samples; rewards differ within groups.
         worker = keys.workers[0]
         await clients.register(worker)
         for _ in range(3):
-            lease = (await clients.lease(worker, max_tasks=2)).lease
-            assert lease.policy_version == 1
-            samples = H.make_samples(lease)
-            for sample in samples:
-                sample.reward = 0.5 * sample.sample_index
-                sample.reward_components.clear()
-                sample.reward_components["fail"] = sample.reward
-            answer = await clients.submit(worker, H.submit_payload(lease, samples))
-            assert answer.accepted, answer.rejection.message
+            await _submit_lease(clients, worker, lambda i: 0.5 * i)
 
         # Stopped after 2 steps, then resumed to 3.
         first, hook1 = await asyncio.to_thread(
@@ -178,6 +213,41 @@ async def test_stream_train_publish_resume(tmp_path: Path) -> None:
         ours, theirs = _weights(tmp_path / "run", 3), _weights(tmp_path / "reference", 3)
         assert ours.keys() == theirs.keys()
         assert all(ours[k].equal(theirs[k]) for k in ours)
-    finally:
-        await clients.close()
-        await coordinator.shutdown()
+
+
+@pytest.mark.slow
+async def test_dropped_rows_free_the_back_pressure_room(tmp_path: Path) -> None:
+    """The demo's stall, end to end: room for 2 groups ahead, and the first lease's two
+    groups have all-equal rewards. The waiting trainer acks them as consumed (its
+    checkpoint still at 0), the coordinator leases again, and the step gets made."""
+    async with _network(tmp_path, run={"max_rollouts_ahead": 4}) as net:
+        clients, worker = net.clients, net.keys.workers[0]
+        await clients.register(worker)
+        await _submit_lease(clients, worker, lambda i: 1.0)
+        assert not (await clients.lease(worker)).HasField("lease"), "the limit is full"
+        # A failing test ends the coordinator: the trainer then gives up within seconds.
+        coordinator = net.run_cfg.coordinator
+        assert coordinator is not None
+        cfg = net.run_cfg.model_copy(
+            update={
+                "max_steps": 1,
+                "coordinator": coordinator.model_copy(update={"reconnect_max_s": 5.0}),
+            }
+        )
+        training = asyncio.create_task(
+            asyncio.to_thread(run_training, cfg, resume=False, follow=True, say=lambda _: None)
+        )
+        deadline = time.monotonic() + 60
+        while not (answer := await clients.lease(worker, max_tasks=2)).HasField("lease"):
+            assert not training.done(), training
+            assert time.monotonic() < deadline, "no lease: the dropped rows still count"
+            await asyncio.sleep(0.2)
+        await _submit_lease(clients, worker, lambda i: 0.5 * i, answer.lease)
+        result, _hook = await asyncio.wait_for(training, timeout=120)
+        assert result.steps == 1 and result.cursor == 8
+        stats = await clients.admin.GetStats(
+            admin_pb2.GetStatsRequest(
+                envelope=H.signed(net.keys.admin, H.A + "GetStats", admin_pb2.GetStatsPayload())
+            )
+        )
+        assert stats.acked_cursor == 8

@@ -315,16 +315,36 @@ def test_acks_move_forward_only_and_never_past_the_head(storage_world: StorageWo
     assert batches.rollouts_ahead(world.db, "r1") == 0
     _submit(world, world.alice, ["t1", "t2"], "key-ack-00000001")
     assert batches.rollouts_ahead(world.db, "r1") == 8  # no ack yet: all of them
-    assert batches.ack_cursor(world.db, "r1", 4, 10, T0) == batches.AckResult(4, 8)
+    assert batches.ack_cursor(world.db, "r1", 4, 10, T0) == batches.AckResult(4, 8, 4)
     assert batches.rollouts_ahead(world.db, "r1") == 4
-    assert batches.ack_cursor(world.db, "r1", 2, 11, T0) == batches.AckResult(4, 8)
+    assert batches.ack_cursor(world.db, "r1", 2, 11, T0) == batches.AckResult(4, 8, 4)
     assert batches.rollouts_ahead(world.db, "r1") == 4
-    assert batches.ack_cursor(world.db, "r1", 8, 12, T0) == batches.AckResult(8, 8)
+    assert batches.ack_cursor(world.db, "r1", 8, 12, T0) == batches.AckResult(8, 8, 8)
     assert batches.rollouts_ahead(world.db, "r1") == 0
     with pytest.raises(NotFoundError):
         batches.rollouts_ahead(world.db, "no-such-run")
     with pytest.raises(CursorBeyondHeadError, match="beyond"):
         batches.ack_cursor(world.db, "r1", 9, 13, T0)
+
+
+def test_back_pressure_counts_from_the_consumed_cursor(storage_world: StorageWorld) -> None:
+    """A trainer that dropped rows while it waits acks them as consumed, not checkpointed:
+    they leave the back-pressure count, and the checkpointed cursor stays where it was."""
+    world = storage_world
+    _submit(world, world.alice, ["t1", "t2", "t3"], "key-consumed-0001")
+    assert batches.ack_cursor(world.db, "r1", 0, 0, T0, consumed=8) == batches.AckResult(0, 12, 8)
+    assert batches.rollouts_ahead(world.db, "r1") == 4
+    # A checkpoint behind the consumed cursor moves the checkpoint only.
+    assert batches.ack_cursor(world.db, "r1", 4, 1, T0) == batches.AckResult(4, 12, 8)
+    assert batches.rollouts_ahead(world.db, "r1") == 4
+    # A late, smaller consumed cursor moves nothing back.
+    assert batches.ack_cursor(world.db, "r1", 4, 1, T0, consumed=6) == batches.AckResult(4, 12, 8)
+    # A checkpoint past the consumed cursor carries it along (consumed >= checkpointed).
+    assert batches.ack_cursor(world.db, "r1", 10, 2, T0) == batches.AckResult(10, 12, 10)
+    assert batches.rollouts_ahead(world.db, "r1") == 2
+    with pytest.raises(CursorBeyondHeadError, match="consumed cursor 13 is beyond"):
+        batches.ack_cursor(world.db, "r1", 10, 2, T0, consumed=13)
+    assert batches.ack_cursor(world.db, "r1", 0, 2, T0) == batches.AckResult(10, 12, 10)
 
 
 @settings(max_examples=100, deadline=None)

@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from coderepair.coordinator.storage.db import Database, DatabaseConfigError, make_engine
 from coderepair.coordinator.storage.migrate import (
+    alembic_config,
     current_revision,
     head_revision,
     schema_diff,
@@ -62,6 +64,27 @@ def test_upgrade_creates_every_table_and_matches_the_models(tmp_path: Path) -> N
         assert schema_diff(engine) == []
     finally:
         engine.dispose()
+
+
+def test_0002_starts_each_consumed_cursor_at_the_checkpointed_one(tmp_path: Path) -> None:
+    """A database of the first schema keeps its trainer's progress: back-pressure counts
+    from the consumed cursor after the upgrade, which starts at the acked one."""
+    path = tmp_path / "old.db"
+    engine = make_engine(f"sqlite:///{path}")
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    engine.dispose()
+    with sqlite3.connect(path) as raw:  # no foreign keys: the run row is not needed here
+        raw.execute(
+            "INSERT INTO trainer_acks (run_id, acked_cursor, trainer_step, updated_unix_ms) "
+            "VALUES ('r1', 96, 12, 0)"
+        )
+    assert upgrade_to_head(f"sqlite:///{path}") == head_revision() != "0001"
+    with sqlite3.connect(path) as raw:
+        row = raw.execute("SELECT acked_cursor, consumed_cursor FROM trainer_acks").fetchone()
+    assert row == (96, 96)
 
 
 def test_schema_diff_sees_a_table_the_migrations_lack(tmp_path: Path) -> None:

@@ -90,6 +90,60 @@ def test_zero_variance_groups_do_not_fill_a_step(tiny: Path, tmp_path: Path) -> 
     assert m["samples"] == 4 and m["cursor"] == 6
 
 
+class _HeldBack(InMemorySource):
+    """The coordinator's back-pressure in miniature: rows after the consumed cursor plus
+    ``limit`` are held back (read gives [] as a following stream does while it waits).
+    A trainer that never acks what it consumed waits for good; ``read`` raises then."""
+
+    def __init__(self, rows: list[SourcedRollout], limit: int) -> None:
+        super().__init__(rows)
+        self.limit = limit
+        self.waits = 0
+
+    def read(self, max_rows: int, timeout_s: float) -> list[SourcedRollout] | None:
+        room = max([0, *self.consumed]) + self.limit
+        allowed = [r for r in self._rows if r.cursor <= room]
+        assert self._position is not None
+        if self._position >= len(self._rows):
+            return None
+        if self._position >= len(allowed):
+            self.waits += 1
+            if self.waits > 20:
+                raise SourceError(f"stalled: the trainer waits for rows after {room}")
+            return []
+        chunk = allowed[self._position : self._position + max(1, max_rows)]
+        self._position += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize(
+    ("flat", "cursor"),
+    [((0, 1), 8), ((1,), 6)],
+    ids=["both-dropped", "one-held-one-dropped"],
+)
+def test_rows_dropped_while_waiting_are_acked_as_consumed(
+    tiny: Path, tmp_path: Path, flat: tuple[int, ...], cursor: int
+) -> None:
+    """The demo's stall: with room for two groups ahead and the first two unusable, the
+    trainer must say it consumed them, or no more rows ever come."""
+    rows = stream([0, 0, 0, 0])
+    for g in flat:
+        rows[2 * g : 2 * g + 2] = [
+            SourcedRollout(r.cursor, r.record.__class__(**{**r.record.__dict__, "reward": 1.0}), 2)
+            for r in rows[2 * g : 2 * g + 2]
+        ]
+    source = _HeldBack(rows, limit=4)
+    cfg = _config(tiny, tmp_path, max_steps=1, checkpoint_every=1)
+    result = Trainer(cfg, source).run()
+    assert result.steps == 1 and result.cursor == cursor
+    # One wait, one ack of what was read and decided (the checkpoint still at 0), then
+    # the checkpoint's own ack.
+    assert source.waits == 1
+    assert source.acked == [0, cursor] and source.consumed == [4, cursor]
+    (m,) = _metrics(tmp_path)
+    assert m["dropped/zero_variance_groups_total"] == len(flat)
+
+
 def test_resume_consumes_exactly_what_an_uninterrupted_run_does(tiny: Path, tmp_path: Path) -> None:
     versions = [0, 0, 0, 1, 0, 2, 2, 3, 1, 3, 4, 4, 5, 5]
     whole = tmp_path / "whole"

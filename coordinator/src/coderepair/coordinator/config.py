@@ -282,7 +282,8 @@ class RunConfig(_Section):
         default=None,
         ge=1,
         description="Back-pressure: no new lease while the rollouts accepted but not yet "
-        "checkpointed by the trainer, plus those of open leases (tasks x G), reach this. "
+        "consumed by the trainer (trained on, dropped as stale or without reward variance, "
+        "or held for its next step), plus those of open leases (tasks x G), reach this. "
         "None = no limit. Set it to at least the trainer's rollouts per step "
         "(prompts_per_step x G), or the trainer waits for rows that are never leased; on "
         "a shared machine a small value keeps workers from taking the trainer's CPU for "

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from coderepair.v1 import common_pb2 as coderepair_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oderepair/v1/trainer.proto\x12\rcoderepair.v1\x1a\x1a\x63oderepair/v1/common.proto\")\n\x15StreamRolloutsRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"a\n\rStreamPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xee\x01\n\nRolloutRow\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x10\n\x08lease_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x12\n\ngroup_size\x18\x07 \x01(\r\x12,\n\x06sample\x18\x08 \x01(\x0b\x32\x1c.coderepair.v1.RolloutSample\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\t \x01(\x04\x12\x15\n\raudit_pending\x18\n \x01(\x08\"$\n\x10\x41\x63kCursorRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"B\n\nAckPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x03 \x01(\x04\">\n\x11\x41\x63kCursorResponse\x12\x14\n\x0c\x61\x63ked_cursor\x18\x01 \x01(\x04\x12\x13\n\x0bhead_cursor\x18\x02 \x01(\x04\"(\n\x14PublishPolicyRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"\x99\x02\n\x0ePublishPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12,\n\x06shards\x18\x04 \x03(\x0b\x32\x1c.coderepair.v1.ShardLocation\x12\x1e\n\x16trained_through_cursor\x18\x05 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x06 \x01(\x04\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.coderepair.v1.PublishPayload.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x15PublishPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12+\n\trejection\x18\x02 \x01(\x0b\x32\x18.coderepair.v1.Rejection\x12\x16\n\x0elatest_version\x18\x03 \x01(\x04\x32\x91\x02\n\x0eTrainerService\x12S\n\x0eStreamRollouts\x12$.coderepair.v1.StreamRolloutsRequest\x1a\x19.coderepair.v1.RolloutRow0\x01\x12N\n\tAckCursor\x12\x1f.coderepair.v1.AckCursorRequest\x1a .coderepair.v1.AckCursorResponse\x12Z\n\rPublishPolicy\x12#.coderepair.v1.PublishPolicyRequest\x1a$.coderepair.v1.PublishPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oderepair/v1/trainer.proto\x12\rcoderepair.v1\x1a\x1a\x63oderepair/v1/common.proto\")\n\x15StreamRolloutsRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"a\n\rStreamPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xee\x01\n\nRolloutRow\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x10\n\x08lease_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x12\n\ngroup_size\x18\x07 \x01(\r\x12,\n\x06sample\x18\x08 \x01(\x0b\x32\x1c.coderepair.v1.RolloutSample\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\t \x01(\x04\x12\x15\n\raudit_pending\x18\n \x01(\x08\"$\n\x10\x41\x63kCursorRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"[\n\nAckPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x03 \x01(\x04\x12\x17\n\x0f\x63onsumed_cursor\x18\x04 \x01(\x04\"W\n\x11\x41\x63kCursorResponse\x12\x14\n\x0c\x61\x63ked_cursor\x18\x01 \x01(\x04\x12\x13\n\x0bhead_cursor\x18\x02 \x01(\x04\x12\x17\n\x0f\x63onsumed_cursor\x18\x03 \x01(\x04\"(\n\x14PublishPolicyRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"\x99\x02\n\x0ePublishPayload\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12,\n\x06shards\x18\x04 \x03(\x0b\x32\x1c.coderepair.v1.ShardLocation\x12\x1e\n\x16trained_through_cursor\x18\x05 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x06 \x01(\x04\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.coderepair.v1.PublishPayload.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x15PublishPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12+\n\trejection\x18\x02 \x01(\x0b\x32\x18.coderepair.v1.Rejection\x12\x16\n\x0elatest_version\x18\x03 \x01(\x04\x32\x91\x02\n\x0eTrainerService\x12S\n\x0eStreamRollouts\x12$.coderepair.v1.StreamRolloutsRequest\x1a\x19.coderepair.v1.RolloutRow0\x01\x12N\n\tAckCursor\x12\x1f.coderepair.v1.AckCursorRequest\x1a .coderepair.v1.AckCursorResponse\x12Z\n\rPublishPolicy\x12#.coderepair.v1.PublishPolicyRequest\x1a$.coderepair.v1.PublishPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACKCURSORREQUEST']._serialized_start=457
   _globals['_ACKCURSORREQUEST']._serialized_end=493
   _globals['_ACKPAYLOAD']._serialized_start=495
-  _globals['_ACKPAYLOAD']._serialized_end=561
-  _globals['_ACKCURSORRESPONSE']._serialized_start=563
-  _globals['_ACKCURSORRESPONSE']._serialized_end=625
-  _globals['_PUBLISHPOLICYREQUEST']._serialized_start=627
-  _globals['_PUBLISHPOLICYREQUEST']._serialized_end=667
-  _globals['_PUBLISHPAYLOAD']._serialized_start=670
-  _globals['_PUBLISHPAYLOAD']._serialized_end=951
-  _globals['_PUBLISHPAYLOAD_METRICSENTRY']._serialized_start=905
-  _globals['_PUBLISHPAYLOAD_METRICSENTRY']._serialized_end=951
-  _globals['_PUBLISHPOLICYRESPONSE']._serialized_start=953
-  _globals['_PUBLISHPOLICYRESPONSE']._serialized_end=1063
-  _globals['_TRAINERSERVICE']._serialized_start=1066
-  _globals['_TRAINERSERVICE']._serialized_end=1339
+  _globals['_ACKPAYLOAD']._serialized_end=586
+  _globals['_ACKCURSORRESPONSE']._serialized_start=588
+  _globals['_ACKCURSORRESPONSE']._serialized_end=675
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_start=677
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_end=717
+  _globals['_PUBLISHPAYLOAD']._serialized_start=720
+  _globals['_PUBLISHPAYLOAD']._serialized_end=1001
+  _globals['_PUBLISHPAYLOAD_METRICSENTRY']._serialized_start=955
+  _globals['_PUBLISHPAYLOAD_METRICSENTRY']._serialized_end=1001
+  _globals['_PUBLISHPOLICYRESPONSE']._serialized_start=1003
+  _globals['_PUBLISHPOLICYRESPONSE']._serialized_end=1113
+  _globals['_TRAINERSERVICE']._serialized_start=1116
+  _globals['_TRAINERSERVICE']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)

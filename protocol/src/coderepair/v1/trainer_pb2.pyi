@@ -56,22 +56,26 @@ class AckCursorRequest(_message.Message):
     def __init__(self, envelope: _Optional[bytes] = ...) -> None: ...
 
 class AckPayload(_message.Message):
-    __slots__ = ("run_id", "cursor", "trainer_step")
+    __slots__ = ("run_id", "cursor", "trainer_step", "consumed_cursor")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_CURSOR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     cursor: int
     trainer_step: int
-    def __init__(self, run_id: _Optional[str] = ..., cursor: _Optional[int] = ..., trainer_step: _Optional[int] = ...) -> None: ...
+    consumed_cursor: int
+    def __init__(self, run_id: _Optional[str] = ..., cursor: _Optional[int] = ..., trainer_step: _Optional[int] = ..., consumed_cursor: _Optional[int] = ...) -> None: ...
 
 class AckCursorResponse(_message.Message):
-    __slots__ = ("acked_cursor", "head_cursor")
+    __slots__ = ("acked_cursor", "head_cursor", "consumed_cursor")
     ACKED_CURSOR_FIELD_NUMBER: _ClassVar[int]
     HEAD_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_CURSOR_FIELD_NUMBER: _ClassVar[int]
     acked_cursor: int
     head_cursor: int
-    def __init__(self, acked_cursor: _Optional[int] = ..., head_cursor: _Optional[int] = ...) -> None: ...
+    consumed_cursor: int
+    def __init__(self, acked_cursor: _Optional[int] = ..., head_cursor: _Optional[int] = ..., consumed_cursor: _Optional[int] = ...) -> None: ...
 
 class PublishPolicyRequest(_message.Message):
     __slots__ = ("envelope",)

@@ -66,7 +66,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AckCursor(self, request, context):
-        """Record that every row with cursor <= cursor is durably consumed (checkpointed).
+        """Record that every row with cursor <= cursor is durably consumed (checkpointed), and
+        how far the trainer has consumed beyond its checkpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

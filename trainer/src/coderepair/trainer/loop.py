@@ -8,7 +8,10 @@
    ``prompts_per_step`` groups for step *n*, dropping (and counting) groups older than
    ``n - max_staleness``, groups from versions the trainer has not produced yet, and
    groups whose rewards are all equal (no signal; taking them would only shrink the
-   useful batch). A watchdog logs while the trainer waits for rollouts.
+   useful batch). A watchdog logs while the trainer waits for rollouts, and a wait acks
+   the rows consumed so far (``ack(checkpointed, consumed=...)``): a coordinator holds
+   new leases back while too many rows are ahead of the trainer, and rows dropped
+   before the step's first checkpoint would otherwise count as ahead for good.
 3. ``_train_step``: advantages per group, micro-batched forward/backward of the GRPO loss
    (token-level normalisation over the whole step), gradient clipping; a step whose
    gradient norm is not finite is skipped and counted instead of poisoning the weights.
@@ -117,6 +120,10 @@ class Trainer:
         self.resume = resume
         self.step = 0
         self.cursor = 0
+        self._checkpointed = 0
+        """Cursor of the last checkpoint (``cursor`` runs ahead when checkpoint_every > 1)."""
+        self._consumed_acked = 0
+        """Largest consumed cursor acknowledged to the source."""
         self.counters = _Counters()
         self._assembler = GroupAssembler()
         self._ready: deque[RolloutGroup] = deque()
@@ -222,6 +229,7 @@ class Trainer:
         counters = state["counters"]
         extra = counters.pop("extra", {})
         self.counters = _Counters(**counters, extra=dict(extra))
+        self._checkpointed = self._consumed_acked = self.cursor
         log.info("resumed %s at step %d, cursor %d", checkpoint, self.step, self.cursor)
 
     # ------------------------------------------------------------------ 2. rollouts → batch
@@ -246,6 +254,8 @@ class Trainer:
                     self._ready.extend(self._assembler.flush())
                 else:
                     self._ready.extend(self._assembler.push(rows))
+                    if not rows:
+                        self._ack_consumed(cursor)
                     if not rows and waited - warned_at >= cfg.rollout_wait_warn_s:
                         warned_at = waited
                         log.warning(
@@ -275,6 +285,17 @@ class Trainer:
         self.counters.wait_s += waited
         self.counters.extra["last_wait_s"] = waited
         return StepBatch(groups=taken, cursor=cursor)
+
+    def _ack_consumed(self, cursor: int) -> None:
+        """While waiting: every row up to ``cursor`` is decided or held for this step.
+
+        Without it, a coordinator's back-pressure (``max_rollouts_ahead``) counts the
+        rows this trainer dropped as still ahead of it; once they fill the limit no lease
+        is granted, no usable group comes, no step is checkpointed, and the run stalls.
+        """
+        if cursor > self._consumed_acked:
+            self.source.ack(self._checkpointed, consumed=cursor)
+            self._consumed_acked = cursor
 
     # ------------------------------------------------------------------ 3. the update
 
@@ -427,6 +448,8 @@ class Trainer:
             shutil.rmtree(final)
         staging.rename(final)
         self.source.ack(self.cursor)
+        self._checkpointed = self.cursor
+        self._consumed_acked = max(self._consumed_acked, self.cursor)
         done = sorted(p for p in root.glob("step-*") if (p / _STATE_FILE).is_file())
         for old in done[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)

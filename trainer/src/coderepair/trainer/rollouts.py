@@ -85,7 +85,8 @@ class RolloutSource(abc.ABC):
 
     Lifecycle: ``open(after_cursor)`` once, then ``read`` until it returns None (the
     source has ended; a following stream never ends), ``ack(cursor)`` after each durable
-    checkpoint, ``close()``. Rows come in strictly increasing cursor order.
+    checkpoint and ``ack(checkpointed, consumed=cursor)`` while the trainer waits for rows,
+    ``close()``. Rows come in strictly increasing cursor order.
     """
 
     @abc.abstractmethod
@@ -96,8 +97,11 @@ class RolloutSource(abc.ABC):
     def read(self, max_rows: int, timeout_s: float) -> list[SourcedRollout] | None:
         """Up to ``max_rows`` next rows; [] if none came within ``timeout_s``; None at end."""
 
-    def ack(self, cursor: int) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Every row with cursor <= ``cursor`` is consumed and checkpointed."""
+    def ack(self, cursor: int, *, consumed: int = 0) -> None:  # noqa: B027 - optional hook
+        """Every row with cursor <= ``cursor`` is consumed and checkpointed, and every row
+        up to ``consumed`` (0: ``cursor``) is consumed: trained on, dropped, or held for
+        the step being assembled. A coordinator counts its back-pressure from ``consumed``,
+        so rows the trainer dropped free room for the leases that bring usable ones."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release the stream."""
@@ -116,6 +120,7 @@ class InMemorySource(RolloutSource):
         self._rows = list(rows)
         self._position: int | None = None
         self.acked: list[int] = []
+        self.consumed: list[int] = []
 
     @classmethod
     def from_records(
@@ -145,8 +150,9 @@ class InMemorySource(RolloutSource):
         self._position += len(chunk)
         return chunk
 
-    def ack(self, cursor: int) -> None:
+    def ack(self, cursor: int, *, consumed: int = 0) -> None:
         self.acked.append(cursor)
+        self.consumed.append(max(cursor, consumed))
 
 
 class ParquetSource(InMemorySource):

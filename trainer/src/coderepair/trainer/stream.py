@@ -13,6 +13,9 @@ sits between the two and moves rows from the gRPC call into a bounded queue:
   refused signature, an unknown run) is not retried: it will not heal by itself.
 - **Acks.** ``ack(cursor)`` (called by the loop after a checkpoint is on disk) is a
   signed ``AckCursor``; the coordinator then knows nothing before it is needed again.
+  ``ack(checkpointed, consumed=cursor)`` (called while the loop waits for rows) tells it
+  how far the trainer has read and decided, so the rows it dropped leave the run's
+  back-pressure count.
 
 Versions: coordinator runs number policies 1, 2, 3, ... without gaps; the trainer numbers
 its weights by optimizer step from 0 (the model it starts from) and publishes every
@@ -214,9 +217,12 @@ class CoordinatorSource(RolloutSource):
             return self._finish()
         return rows
 
-    def ack(self, cursor: int) -> None:
+    def ack(self, cursor: int, *, consumed: int = 0) -> None:
         payload = trainer_pb2.AckPayload(
-            run_id=self.run_id, cursor=cursor, trainer_step=self.trainer_step
+            run_id=self.run_id,
+            cursor=cursor,
+            trainer_step=self.trainer_step,
+            consumed_cursor=max(cursor, consumed),
         )
         method = f"/{rpc.TRAINER_SERVICE}/AckCursor"
         request = trainer_pb2.AckCursorRequest(
@@ -227,10 +233,15 @@ class CoordinatorSource(RolloutSource):
         except grpc.RpcError as exc:
             # The checkpoint is on disk and records the cursor; an ack that did not reach
             # the coordinator only delays its bookkeeping, and the next ack covers it.
-            log.warning("AckCursor(%d) failed: %s; the next checkpoint acks again", cursor, exc)
+            log.warning("AckCursor(%d) failed: %s; the next ack covers it", cursor, exc)
             return
         self.acked_cursor = int(answer.acked_cursor)
-        log.info("acked cursor %d (coordinator head %d)", answer.acked_cursor, answer.head_cursor)
+        log.info(
+            "acked cursor %d, consumed %d (coordinator head %d)",
+            answer.acked_cursor,
+            answer.consumed_cursor,
+            answer.head_cursor,
+        )
 
     def close(self) -> None:
         self._stop.set()

@@ -109,7 +109,8 @@ class RunSummary:
     head_cursor: int
     """Last cursor handed out: rollouts accepted in the run's lifetime."""
     acked_cursor: int
-    """Cursor the trainer checkpointed; head - acked rows wait for the trainer."""
+    """Cursor the trainer checkpointed (back-pressure counts from the consumed one, which
+    may be further: rows it dropped or holds while it waits)."""
     accepting_work: bool
 
 

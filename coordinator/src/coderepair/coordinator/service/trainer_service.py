@@ -178,9 +178,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             int(payload.cursor),
             int(payload.trainer_step),
             ctx.now_ms(),
+            consumed=int(payload.consumed_cursor),
         )
         return trainer_pb2.AckCursorResponse(
-            acked_cursor=result.acked_cursor, head_cursor=result.head_cursor
+            acked_cursor=result.acked_cursor,
+            head_cursor=result.head_cursor,
+            consumed_cursor=result.consumed_cursor,
         )
 
     # ---------------------------------------------------------------- PublishPolicy

@@ -945,14 +945,18 @@ def head_cursor(db: Database, run_id: str) -> int:
 
 
 def rollouts_ahead(db: Database, run_id: str) -> int:
-    """Accepted rollouts the trainer has not checkpointed yet: head minus acked cursor."""
-    acked = (
-        select(func.coalesce(func.max(TrainerAck.acked_cursor), 0))
+    """Accepted rollouts the trainer has not consumed yet: head minus consumed cursor.
+
+    Consumed, not checkpointed: a trainer that drops the rows it reads (stale, or groups
+    whose rewards are all equal) checkpoints nothing until it has a step's worth of
+    usable groups, and counting those rows would hold the lease room shut for good."""
+    consumed = (
+        select(func.coalesce(func.max(TrainerAck.consumed_cursor), 0))
         .where(TrainerAck.run_id == run_id)
         .scalar_subquery()
     )
     with db.read() as session:
-        ahead = session.scalar(select(Run.head_cursor - acked).where(Run.run_id == run_id))
+        ahead = session.scalar(select(Run.head_cursor - consumed).where(Run.run_id == run_id))
         if ahead is None:
             raise NotFoundError(f"run {run_id!r} does not exist")
         return max(0, int(ahead))
@@ -964,31 +968,61 @@ class AckResult:
 
     acked_cursor: int
     head_cursor: int
+    consumed_cursor: int
 
 
-def ack_cursor(db: Database, run_id: str, cursor: int, trainer_step: int, now_ms: int) -> AckResult:
-    """Record that the trainer checkpointed every row up to `cursor`. Acks only move
-    forward (a smaller one is ignored); one beyond the head is `CursorBeyondHeadError`."""
+def ack_cursor(
+    db: Database,
+    run_id: str,
+    cursor: int,
+    trainer_step: int,
+    now_ms: int,
+    *,
+    consumed: int = 0,
+) -> AckResult:
+    """Record that the trainer checkpointed every row up to `cursor` and consumed every
+    row up to `consumed` (at least `cursor`; 0 means `cursor`). Both only move forward (a
+    smaller value is ignored); one beyond the head is `CursorBeyondHeadError`."""
+    consumed = max(consumed, cursor)
     with db.write() as session:
         head = session.scalar(select(Run.head_cursor).where(Run.run_id == run_id))
         if head is None:
             raise NotFoundError(f"run {run_id!r} does not exist")
-        if cursor > head:
+        if consumed > head:
+            which = "cursor" if consumed == cursor else "consumed cursor"
             raise CursorBeyondHeadError(
-                f"cursor {cursor} is beyond run {run_id!r}'s head {head}: ack only cursors "
-                "of rows you received"
+                f"{which} {consumed} is beyond run {run_id!r}'s head {head}: ack only "
+                "cursors of rows you received"
             )
         insert_ignoring_conflicts(
             session,
             TrainerAck.__table__,  # type: ignore[arg-type]
-            {"run_id": run_id, "acked_cursor": 0, "trainer_step": 0, "updated_unix_ms": now_ms},
+            {
+                "run_id": run_id,
+                "acked_cursor": 0,
+                "consumed_cursor": 0,
+                "trainer_step": 0,
+                "updated_unix_ms": now_ms,
+            },
         )
+        # Two conditional updates, each atomic on its own: a late ack moves neither back.
         session.execute(
             update(TrainerAck)
             .where(TrainerAck.run_id == run_id, TrainerAck.acked_cursor <= cursor)
             .values(acked_cursor=cursor, trainer_step=trainer_step, updated_unix_ms=now_ms)
         )
-        acked = session.scalar(
-            select(func.max(TrainerAck.acked_cursor)).where(TrainerAck.run_id == run_id)
+        session.execute(
+            update(TrainerAck)
+            .where(TrainerAck.run_id == run_id, TrainerAck.consumed_cursor < consumed)
+            .values(consumed_cursor=consumed, updated_unix_ms=now_ms)
         )
-        return AckResult(acked_cursor=int(acked or 0), head_cursor=int(head))
+        row = session.execute(
+            select(TrainerAck.acked_cursor, TrainerAck.consumed_cursor).where(
+                TrainerAck.run_id == run_id
+            )
+        ).one()
+        return AckResult(
+            acked_cursor=int(row.acked_cursor),
+            head_cursor=int(head),
+            consumed_cursor=int(row.consumed_cursor),
+        )

@@ -370,12 +370,15 @@ class AuditJob(Base):
 
 
 class TrainerAck(Base):
-    """The cursor a run's trainer has checkpointed; moves only forward."""
+    """The cursors a run's trainer has checkpointed and consumed; both move only forward."""
 
     __tablename__ = "trainer_acks"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), primary_key=True)
     acked_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Rows up to here are trained on, dropped or held by the trainer, checkpointed or not;
+    # back-pressure counts from here (migration 0002; never below acked_cursor).
+    consumed_cursor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     trainer_step: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_unix_ms: Mapped[int] = mapped_column(BigInteger)
 
