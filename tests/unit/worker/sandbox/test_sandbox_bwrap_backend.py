@@ -116,6 +116,49 @@ def test_pass_fail_and_pytest_jobs(sandbox: BubblewrapSandbox) -> None:
     assert result.all_passed, result
 
 
+GRPC_BESIDE = """
+import sys
+from concurrent import futures
+
+import grpc
+
+from coderepair.worker.sandbox.base import Job, SandboxLimits
+from coderepair.worker.sandbox.bwrap_backend import BubblewrapSandbox
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+grpc.channel_ready_future(channel).result(timeout=30)
+job = Job("function", {"solution.py": "def add(a, b):\\n    return a + b\\n"},
+          {"t.py": "def check(candidate):\\n    assert candidate(1, 2) == 3\\n"},
+          "solution.py:add")
+with BubblewrapSandbox(SandboxLimits(timeout_s=20, workdir_mb=8)) as box:
+    for _ in range(4):
+        assert box.run(job).all_passed
+print("ran 4")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch happens only when run as root")
+def test_starting_bwrap_as_root_runs_no_grpc_fork_handlers(
+    sandbox: BubblewrapSandbox, tmp_path: Path
+) -> None:
+    """A worker is a gRPC client: its sandboxes start beside gRPC's threads. A real fork
+    there runs gRPC's fork handlers (logged by fork_posix.cc each time), and once in a
+    full test run they killed the child before bwrap ran; setpriv lets Popen vfork."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "beside.py"
+    script.write_text(GRPC_BESIDE)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and "ran 4" in done.stdout, done.stderr[-2000:]
+    assert "fork" not in done.stderr, done.stderr[-2000:]
+
+
 def test_concurrent_runs_are_independent(sandbox: BubblewrapSandbox) -> None:
     verdicts: dict[int, bool] = {}
 

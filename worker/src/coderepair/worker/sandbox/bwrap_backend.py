@@ -27,6 +27,11 @@ runner applies the per-process rlimits identically in both):
   so concurrent sandboxes share the limit there). The kernel never applies RLIMIT_NPROC to the
   host's real root, so when the worker runs as root, bwrap is started as uid 65534
   (``nobody``) on the host: the sandbox is then also nobody outside its namespace.
+  util-linux's ``setpriv`` makes that switch, not ``Popen(user=...)``: with a uid or
+  gid to set, Python forks instead of vforking, and a fork of a process with gRPC
+  threads (every worker and coordinator) runs gRPC's fork handlers, which restarted its
+  poller in the child; the child then died before it ran bwrap ("epoll_wait error: Bad
+  file descriptor", once in a full test run). Without ``setpriv`` the fork is used.
 - ``memory_mb``: RLIMIT_AS per process, as in Docker. There is **no cgroup** over the
   sandbox as a whole; instead a host-side guard (`_MemoryGuard`) sums the anonymous
   resident memory of the sandbox's processes every 20 ms and, past ``memory_mb`` +
@@ -138,6 +143,8 @@ class BubblewrapSandbox(Sandbox):
         self.limits = limits
         self.python = python
         self.bwrap = found
+        # See the module docstring (`pids`): root hands bwrap to nobody through setpriv.
+        self._setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
         self._runner_source = RUNNER_PATH.read_bytes()
         self._lock = threading.Lock()
         self._live: set[subprocess.Popen[bytes]] = set()
@@ -194,8 +201,12 @@ class BubblewrapSandbox(Sandbox):
                 data_fds.append(etc_fds[path])
             argv = bwrap_argv(self.bwrap, self.python, self.limits, runner_fd, etc_fds)
             # The kernel exempts the host's real root from RLIMIT_NPROC, so root hands
-            # the sandbox to `nobody` first (module docstring, `pids`).
+            # the sandbox to `nobody` first (module docstring, `pids`), by setpriv where
+            # there is one, so that Popen can vfork and run no fork handlers.
             as_root = os.geteuid() == 0
+            if as_root and self._setpriv is not None:
+                argv = [*drop_to_nobody(self._setpriv), *argv]
+                as_root = False
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
@@ -332,6 +343,18 @@ def _anon_rss(pid: int) -> int:
         return max(int(fields[1]) - int(fields[2]), 0) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def drop_to_nobody(setpriv: str) -> list[str]:
+    """The ``setpriv`` prefix that runs the rest of a command line as uid and gid
+    `SANDBOX_UID` with no supplementary groups (and so no capabilities)."""
+    return [
+        setpriv,
+        f"--reuid={SANDBOX_UID}",
+        f"--regid={SANDBOX_UID}",
+        "--clear-groups",
+        "--",
+    ]
 
 
 def bwrap_argv(
