@@ -95,10 +95,18 @@ class _HeldBack(InMemorySource):
     ``limit`` are held back (read gives [] as a following stream does while it waits).
     A trainer that never acks what it consumed waits for good; ``read`` raises then."""
 
-    def __init__(self, rows: list[SourcedRollout], limit: int) -> None:
+    def __init__(self, rows: list[SourcedRollout], limit: int, lose: int = 0) -> None:
         super().__init__(rows)
         self.limit = limit
         self.waits = 0
+        self.lose = lose
+        """Acks to lose first (a coordinator restarting): recorded, then reported lost."""
+
+    def ack(self, cursor: int, *, consumed: int = 0) -> bool:
+        if self.lose:
+            self.lose -= 1
+            return False
+        return super().ack(cursor, consumed=consumed)
 
     def read(self, max_rows: int, timeout_s: float) -> list[SourcedRollout] | None:
         room = max([0, *self.consumed]) + self.limit
@@ -142,6 +150,18 @@ def test_rows_dropped_while_waiting_are_acked_as_consumed(
     assert source.acked == [0, cursor] and source.consumed == [4, cursor]
     (m,) = _metrics(tmp_path)
     assert m["dropped/zero_variance_groups_total"] == len(flat)
+
+
+def test_a_lost_consumed_ack_is_sent_again_at_the_next_wait(tiny: Path, tmp_path: Path) -> None:
+    rows = stream([0, 0, 0, 0])
+    rows[:4] = [
+        SourcedRollout(r.cursor, r.record.__class__(**{**r.record.__dict__, "reward": 1.0}), 2)
+        for r in rows[:4]
+    ]
+    source = _HeldBack(rows, limit=4, lose=2)
+    cfg = _config(tiny, tmp_path, max_steps=1, checkpoint_every=1)
+    assert Trainer(cfg, source).run().steps == 1
+    assert source.waits == 3 and source.consumed == [4, 8]
 
 
 def test_resume_consumes_exactly_what_an_uninterrupted_run_does(tiny: Path, tmp_path: Path) -> None:

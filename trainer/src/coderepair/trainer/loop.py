@@ -293,8 +293,9 @@ class Trainer:
         rows this trainer dropped as still ahead of it; once they fill the limit no lease
         is granted, no usable group comes, no step is checkpointed, and the run stalls.
         """
-        if cursor > self._consumed_acked:
-            self.source.ack(self._checkpointed, consumed=cursor)
+        # A lost ack (coordinator restarting) is sent again at the next empty read: the
+        # room it frees is what the rows this trainer waits for need.
+        if cursor > self._consumed_acked and self.source.ack(self._checkpointed, consumed=cursor):
             self._consumed_acked = cursor
 
     # ------------------------------------------------------------------ 3. the update

@@ -97,11 +97,13 @@ class RolloutSource(abc.ABC):
     def read(self, max_rows: int, timeout_s: float) -> list[SourcedRollout] | None:
         """Up to ``max_rows`` next rows; [] if none came within ``timeout_s``; None at end."""
 
-    def ack(self, cursor: int, *, consumed: int = 0) -> None:  # noqa: B027 - optional hook
+    def ack(self, cursor: int, *, consumed: int = 0) -> bool:
         """Every row with cursor <= ``cursor`` is consumed and checkpointed, and every row
         up to ``consumed`` (0: ``cursor``) is consumed: trained on, dropped, or held for
         the step being assembled. A coordinator counts its back-pressure from ``consumed``,
-        so rows the trainer dropped free room for the leases that bring usable ones."""
+        so rows the trainer dropped free room for the leases that bring usable ones.
+        Returns False when the ack did not arrive (the caller may send it again)."""
+        return True
 
     def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release the stream."""
@@ -150,9 +152,10 @@ class InMemorySource(RolloutSource):
         self._position += len(chunk)
         return chunk
 
-    def ack(self, cursor: int, *, consumed: int = 0) -> None:
+    def ack(self, cursor: int, *, consumed: int = 0) -> bool:
         self.acked.append(cursor)
         self.consumed.append(max(cursor, consumed))
+        return True
 
 
 class ParquetSource(InMemorySource):

@@ -217,7 +217,7 @@ class CoordinatorSource(RolloutSource):
             return self._finish()
         return rows
 
-    def ack(self, cursor: int, *, consumed: int = 0) -> None:
+    def ack(self, cursor: int, *, consumed: int = 0) -> bool:
         payload = trainer_pb2.AckPayload(
             run_id=self.run_id,
             cursor=cursor,
@@ -234,7 +234,7 @@ class CoordinatorSource(RolloutSource):
             # The checkpoint is on disk and records the cursor; an ack that did not reach
             # the coordinator only delays its bookkeeping, and the next ack covers it.
             log.warning("AckCursor(%d) failed: %s; the next ack covers it", cursor, exc)
-            return
+            return False
         self.acked_cursor = int(answer.acked_cursor)
         log.info(
             "acked cursor %d, consumed %d (coordinator head %d)",
@@ -242,6 +242,7 @@ class CoordinatorSource(RolloutSource):
             answer.consumed_cursor,
             answer.head_cursor,
         )
+        return True
 
     def close(self) -> None:
         self._stop.set()
