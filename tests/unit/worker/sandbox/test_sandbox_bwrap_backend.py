@@ -9,6 +9,8 @@ Attacks live in tests/adversarial/test_hostile_patches.py.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,10 +148,7 @@ def test_starting_bwrap_as_root_runs_no_grpc_fork_handlers(
 ) -> None:
     """A worker is a gRPC client: its sandboxes start beside gRPC's threads. A real fork
     there runs gRPC's fork handlers (logged by fork_posix.cc each time), and once in a
-    full test run they killed the child before bwrap ran; setpriv lets Popen vfork."""
-    import subprocess
-    import sys
-
+    full test run such a child died before bwrap ran; setpriv lets Popen vfork."""
     script = tmp_path / "beside.py"
     script.write_text(GRPC_BESIDE)
     done = subprocess.run(

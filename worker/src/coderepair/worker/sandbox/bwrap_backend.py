@@ -29,9 +29,9 @@ runner applies the per-process rlimits identically in both):
   (``nobody``) on the host: the sandbox is then also nobody outside its namespace.
   util-linux's ``setpriv`` makes that switch, not ``Popen(user=...)``: with a uid or
   gid to set, Python forks instead of vforking, and a fork of a process with gRPC
-  threads (every worker and coordinator) runs gRPC's fork handlers, which restarted its
-  poller in the child; the child then died before it ran bwrap ("epoll_wait error: Bad
-  file descriptor", once in a full test run). Without ``setpriv`` the fork is used.
+  threads (every worker and coordinator) runs gRPC's fork handlers in the child. Once
+  in a full test run such a child died before bwrap ran, with gRPC's "epoll_wait error:
+  Bad file descriptor" in bwrap's stderr. Without ``setpriv`` the fork is used.
 - ``memory_mb``: RLIMIT_AS per process, as in Docker. There is **no cgroup** over the
   sandbox as a whole; instead a host-side guard (`_MemoryGuard`) sums the anonymous
   resident memory of the sandbox's processes every 20 ms and, past ``memory_mb`` +
@@ -206,7 +206,7 @@ class BubblewrapSandbox(Sandbox):
             as_root = os.geteuid() == 0
             if as_root and self._setpriv is not None:
                 argv = [*drop_to_nobody(self._setpriv), *argv]
-                as_root = False
+            switch_in_popen = as_root and self._setpriv is None
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
@@ -217,9 +217,9 @@ class BubblewrapSandbox(Sandbox):
                 cwd="/",
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 start_new_session=True,
-                user=SANDBOX_UID if as_root else None,
-                group=SANDBOX_UID if as_root else None,
-                extra_groups=[] if as_root else None,
+                user=SANDBOX_UID if switch_in_popen else None,
+                group=SANDBOX_UID if switch_in_popen else None,
+                extra_groups=[] if switch_in_popen else None,
             )
         except OSError as exc:
             stderr.close()
