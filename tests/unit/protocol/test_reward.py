@@ -8,7 +8,7 @@ import sys
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -336,8 +336,19 @@ def test_reward_is_bounded_and_reproducible(spec: RewardSpec, outcome: Verificat
     assert again == reward
 
 
+_CANCELLING_HUGE_TERMS = (
+    8.988465674311579e307,
+    8.98846567431158e307,
+    -8.988465674311579e307,
+    -8.98846567431158e307,
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=6))
+# Found by this test: a partial sum overflows, yet the terms cancel to 0 (a float sum
+# said inf, clamped to the maximum reward).
+@example([*_CANCELLING_HUGE_TERMS])
 def test_clamped_total_is_the_exact_sum_clamped_even_when_it_overflows(terms: list[float]) -> None:
     spec = RewardSpec()
     total = spec.clamped_total(terms)

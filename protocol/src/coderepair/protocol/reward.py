@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -212,7 +213,12 @@ class RewardSpec(BaseModel):
         try:
             exact = math.fsum(values)
         except OverflowError:
-            exact = sum(values)  # +-inf: once a partial sum overflows it stays there
+            # A partial sum overflowed, but the terms may still cancel (1e308 + 1e308 -
+            # 1e308 - 1e308 is 0, where a float sum says inf): sum them as fractions,
+            # which are exact, and clamp before going back to a float.
+            whole = sum(map(Fraction, values), Fraction(0))
+            bounded = min(Fraction(self.max_reward), max(Fraction(self.min_reward), whole))
+            return float(bounded)
         return min(self.max_reward, max(self.min_reward, exact))
 
     def canonical_json(self) -> str:
