@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from sqlalchemy import bindparam, event, select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from coderepair.coordinator.storage import audits, batches, repo
@@ -37,7 +37,6 @@ from coderepair.coordinator.storage.models import (
     AuditState,
     Batch,
     PolicyKind,
-    Rollout,
     Worker,
 )
 
@@ -197,55 +196,6 @@ def test_concurrent_acceptors_get_gap_free_cursors_seen_in_order(world: World) -
         ranges = sorted(session.execute(select(Batch.first_cursor, Batch.last_cursor)).all())
     assert all(last - first + 1 == 2 * G for first, last in ranges)  # type: ignore[operator]
     assert [r[0] for r in ranges] == list(range(1, total + 1, 2 * G))
-
-
-def test_a_batch_s_rows_go_in_as_one_array_insert_and_land_as_drafted(world: World) -> None:
-    # One array per column (13 parameters), not one VALUES group per row, on PostgreSQL.
-    # Task ids with what an array literal would have to quote: the values travel as
-    # arrays, and each must come back as it went.
-    tasks = ('t{1}, "q"', "t\\2 é NULL")
-    draft = _draft(world, world.workers[0], "key-pg-arrays-1", tasks=tasks)
-    statements: list[tuple[str, object]] = []
-
-    def seen(
-        _conn: object, _cursor: object, statement: str, parameters: object, *_r: object
-    ) -> None:
-        statements.append((statement, parameters))
-
-    event.listen(world.db.engine, "before_cursor_execute", seen)
-    try:
-        recorded = batches.record_batch(world.db, draft, T0 + 1)
-    finally:
-        event.remove(world.db.engine, "before_cursor_execute", seen)
-    inserts = [(s, p) for s, p in statements if s.startswith("INSERT INTO rollouts")]
-    assert len(inserts) == 1
-    assert "unnest(" in inserts[0][0] and len(inserts[0][1]) == 13  # type: ignore[arg-type]
-    with world.db.read() as session:
-        stored = session.scalars(select(Rollout).order_by(Rollout.cursor)).all()
-    assert [r.cursor for r in stored] == list(range(1, 2 * G + 1))
-    assert {
-        (r.batch_id, r.worker_id, r.policy_version, r.accepted_unix_ms, r.voided) for r in stored
-    } == {(recorded.batch.batch_id, world.workers[0].worker_id, 0, T0 + 1, False)}
-    # Each column landed in its own place: every sample's values, found by its row.
-    assert {
-        r.row_index: (
-            r.task_id,
-            r.sample_index,
-            r.completion_sha256,
-            r.n_completion_tokens,
-            r.reward,
-        )
-        for r in stored
-    } == {
-        s.row_index: (
-            s.task_id,
-            s.sample_index,
-            s.completion_sha256,
-            s.n_completion_tokens,
-            s.reward,
-        )
-        for s in draft.samples
-    }
 
 
 def test_duplicates_are_found_by_index_probes_before_any_analyze(world: World) -> None:

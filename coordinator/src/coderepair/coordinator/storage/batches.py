@@ -39,6 +39,15 @@ savepoint (its failure rolls the transaction back) and gets none. A group of sev
 locks its operations' workers first, in id order, so that it keeps the lock order of
 `storage.repo` (worker, lease, run, batch) as a whole and cannot deadlock with the
 sweep or another replica's group.
+
+One call on PostgreSQL. There, an acceptance runs as one call of a server-side function
+(migration 0003, `_record_accepted_pg`): the same statements in the same order under
+the same locks, without a round trip between them. Sent one by one from the single
+group-commit thread, each was a wait on another process, and on a loaded machine a
+chance to lose the CPU (bench/coordinator.py: 9 ms per batch in that thread, and the
+queue in front of it held the slowest submits). SQLite runs in-process and keeps the
+statements here (`_accept`); tests/integration/test_storage_postgres_accept.py plays
+one scenario on both and compares every outcome and row.
 """
 
 from __future__ import annotations
@@ -232,18 +241,14 @@ _ROLLOUT_COLUMNS = (
 )
 # SQLite takes at most 32766 parameters in one statement.
 _ROWS_PER_INSERT = 1000
-# On PostgreSQL, one array per column instead: a statement of 13 parameters, whatever the
-# batch size, that the server parses and plans once, where 64 rows of 13 values cost it
-# a new 832-parameter statement to bind (measured alone with a commit each, 64 rows:
-# 3.0-3.3 ms of wall time against 5.3-5.8, and half the client CPU).
-_PG_COLUMN_TYPES = (
-    "text", "bigint", "text", "integer", "text", "integer", "text", "bigint", "text",
-    "integer", "double precision", "bigint", "boolean",
-)  # fmt: skip
-_PG_INSERT_ROLLOUTS = (
-    f"INSERT INTO rollouts ({', '.join(_ROLLOUT_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"%s::{t}[]" for t in _PG_COLUMN_TYPES)
-    + ")"
+# Migration 0003's function (`_record_accepted_pg`). The arrays go in binary (``%b``):
+# psycopg's text form of a list is built in Python, about twice the client CPU.
+_PG_ACCEPT_BATCH = (
+    "SELECT status, detail, head, dup_digests, dup_run_ids, dup_cursors, dup_batch_ids, "
+    "dup_worker_ids FROM coderepair_accept_batch(%s::text, %s::text, %s::text, %s::text, "
+    "%s::text, %s::text, %s::bigint, %s::text, %s::bigint, %s::bigint, %b::text[], "
+    "%b::text[], %s::boolean, %b::text[], %b::text[], %b::integer[], %b::text[], "
+    "%b::integer[], %b::text[], %b::integer[], %b::double precision[])"
 )
 _INSERT_JOBS = insert(cast(Table, AuditJob.__table__))
 _INSERT_CREDIT = insert(cast(Table, CreditEntry.__table__))
@@ -382,9 +387,11 @@ def record_batch(db: Database, draft: BatchDraft, now_ms: int) -> RecordedBatch:
 
 def record_in(session: Session, draft: BatchDraft, now_ms: int) -> RecordedBatch:
     """`record_batch` inside the caller's transaction (a `GroupCommitter` operation)."""
+    connection = session.connection()
     if draft.rejection is None:
         _check_accepted(draft)
-    connection = session.connection()
+        if connection.dialect.name == Dialect.POSTGRESQL:
+            return _record_accepted_pg(session, draft, now_ms)
     worker = connection.execute(_LOCK_WORKER, {"worker_id": draft.worker_id}).first()
     if worker is None:
         raise NotFoundError(f"worker {draft.worker_id} is not registered: call Register")
@@ -459,6 +466,7 @@ def _insert_rejected(connection: Connection, draft: BatchDraft, now_ms: int) -> 
 
 
 def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | None:
+    # SQLite's path; PostgreSQL runs the same steps in `_record_accepted_pg`'s function.
     closed = connection.execute(
         _CLOSE_LEASE,
         {
@@ -544,13 +552,93 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
     return Batch(**values)
 
 
+def _record_accepted_pg(session: Session, draft: BatchDraft, now_ms: int) -> RecordedBatch:
+    """`record_in` of a draft to accept, on PostgreSQL: the statements of the SQLite path
+    (`_accept` and what precedes it), in the same order and under the same locks, as one
+    call of the server-side function that migration 0003 creates. Each of them sent on
+    its own is a round trip, and the group-commit thread waited a dozen times per batch
+    (bench/coordinator.py). Refusals raise here, which rolls back what the call wrote."""
+    connection = session.connection()
+    samples = _group_order(draft.samples)
+    kinds = list(dict.fromkeys(draft.audit_kinds))
+    extra = [k for k in dict.fromkeys(draft.duplicate_audit_kinds or ()) if k not in kinds]
+    values = _batch_values(draft, now_ms)
+    n_tokens = sum(s.n_completion_tokens for s in samples)
+    row = connection.exec_driver_sql(
+        _PG_ACCEPT_BATCH,
+        (
+            draft.worker_id,
+            draft.idempotency_key,
+            draft.payload_sha256,
+            values["batch_id"],
+            draft.run_id,
+            draft.lease_id,
+            draft.policy_version,
+            draft.object_key,
+            n_tokens,
+            now_ms,
+            [new_id() for _ in kinds],
+            [str(k) for k in kinds],
+            draft.duplicate_audit_kinds is None,
+            [new_id() for _ in extra],
+            [str(k) for k in extra],
+            [s.row_index for s in samples],
+            [s.task_id for s in samples],
+            [s.sample_index for s in samples],
+            [s.completion_sha256 for s in samples],
+            [s.n_completion_tokens for s in samples],
+            [s.reward for s in samples],
+        ),
+    ).one()
+    status = row.status
+    if status == "no_worker":
+        raise NotFoundError(f"worker {draft.worker_id} is not registered: call Register")
+    if status == "existing":
+        existing = _existing(connection, draft)
+        assert existing is not None  # found under the worker's lock, which we hold
+        return RecordedBatch(existing, created=False)
+    if status == "banned":
+        raise WorkerBannedError(f"worker {draft.worker_id} is banned: {row.detail}")
+    if status == "lease":
+        raise _diagnose_lease(session, draft, now_ms)
+    matches = [
+        DuplicateMatch(*match)
+        for match in zip(
+            row.dup_digests or (),
+            row.dup_run_ids or (),
+            row.dup_cursors or (),
+            row.dup_batch_ids or (),
+            row.dup_worker_ids or (),
+            strict=True,
+        )
+    ]
+    if status == "duplicate":
+        raise DuplicateCompletionError(matches)
+    if status != "accepted":
+        raise ConflictError(f"coderepair_accept_batch answered an unknown status {status!r}")
+    if matches and extra:
+        log.info(
+            "batch %s repeats %d completion(s) other workers had accepted: audited (%s)",
+            values["batch_id"],
+            len(matches),
+            ", ".join(k.value for k in extra),
+        )
+    head = int(row.head)
+    values.update(
+        state=BatchState.PENDING_AUDIT,
+        audit_pending=bool(kinds) or bool(matches and extra),
+        object_key=draft.object_key,
+        n_tokens=n_tokens,
+        first_cursor=head - len(samples) + 1,
+        last_cursor=head,
+    )
+    return RecordedBatch(Batch(**values), created=True)
+
+
 def _insert_rollouts(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert index rows, given as tuples in `_ROLLOUT_COLUMNS` order (module comment
     above `_ROLLOUT_COLUMNS`)."""
     dialect = connection.dialect
-    if dialect.name == Dialect.POSTGRESQL:
-        connection.exec_driver_sql(_PG_INSERT_ROLLOUTS, tuple(map(list, zip(*rows, strict=True))))
-        return
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     quote = dialect.identifier_preparer.quote
     head = (
