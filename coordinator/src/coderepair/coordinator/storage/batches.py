@@ -41,8 +41,10 @@ locks its operations' workers first, in id order, so that it keeps the lock orde
 sweep or another replica's group.
 
 One call on PostgreSQL. There, an acceptance runs as one call of a server-side function
-(migration 0003, `_record_accepted_pg`): the same statements in the same order under
-the same locks, without a round trip between them. Sent one by one from the single
+(migration 0003, `_record_accepted_pg`): the same checks and writes under the same
+locks, taken in the same order, without a round trip between them. (The batch row goes
+in after the run lock, with its cursors: with no round trip to keep out of the lock,
+the separate update of its cursors is not worth a second write.) Sent one by one from the single
 group-commit thread, each was a wait on another process, and on a loaded machine a
 chance to lose the CPU (bench/coordinator.py: 9 ms per batch in that thread, and the
 queue in front of it held the slowest submits). SQLite runs in-process and keeps the
@@ -553,9 +555,9 @@ def _accept(connection: Connection, draft: BatchDraft, now_ms: int) -> Batch | N
 
 
 def _record_accepted_pg(session: Session, draft: BatchDraft, now_ms: int) -> RecordedBatch:
-    """`record_in` of a draft to accept, on PostgreSQL: the statements of the SQLite path
-    (`_accept` and what precedes it), in the same order and under the same locks, as one
-    call of the server-side function that migration 0003 creates. Each of them sent on
+    """`record_in` of a draft to accept, on PostgreSQL: the checks and writes of the
+    SQLite path (`_accept` and what precedes it), under the same locks taken in the same
+    order, as one call of the server-side function that migration 0003 creates. Each of them sent on
     its own is a round trip, and the group-commit thread waited a dozen times per batch
     (bench/coordinator.py). Refusals raise here, which rolls back what the call wrote."""
     connection = session.connection()

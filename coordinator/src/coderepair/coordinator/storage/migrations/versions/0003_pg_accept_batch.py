@@ -6,10 +6,12 @@ batch, its audit jobs, its credit and its index rows). Sent one by one, each is 
 trip: the coordinator's single group-commit thread waits on PostgreSQL a dozen times per
 batch, and on a loaded 2-core machine every wait is a chance to lose the CPU. The bench
 measured 9 ms of wall time per batch in that thread (p50, at 2,000 rollouts/s), which
-made it the queue that held the slowest submits. `coderepair_accept_batch` runs the same
-statements, in the same order and under the same locks, in the server; the coordinator
-sends one call (`storage.batches.record_in`). SQLite runs in-process and keeps the
-statements in Python.
+made it the queue that held the slowest submits. `coderepair_accept_batch` makes the same
+checks and writes in the server, under the same locks taken in the same order (worker,
+lease, run); the coordinator sends one call (`storage.batches.record_in`). The batch row
+goes in after the run lock, with its cursors, instead of before it and updated after:
+the lock was taken late to keep round trips out of it, and there are none left. SQLite
+runs in-process and keeps the statements in Python.
 
 The function answers with a status; every refusal is decided by the caller, which
 raises and so rolls the transaction (or the group's savepoint) back, exactly as when
