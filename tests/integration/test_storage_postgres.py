@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pytest
+from pg_storage_support import T0, ensure_test_run
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
@@ -42,7 +43,6 @@ from coderepair.coordinator.storage.models import (
 
 pytestmark = pytest.mark.postgres
 
-T0 = 1_700_000_000_000
 G = 4
 
 
@@ -57,21 +57,7 @@ def world(postgres_url: str) -> Iterator[World]:
     db = Database.open(postgres_url, pool_size=24)
     assert db.dialect is Dialect.POSTGRESQL
     upgrade_to_head(db.engine)
-    repo.ensure_run(
-        db,
-        repo.RunSpec(
-            run_id="r1",
-            trainer_public_key=b"\x01" * 32,
-            base_model_id="tiny",
-            tokenizer_sha256="a" * 64,
-            reward_spec_json="{}",
-            reward_spec_hash="b" * 64,
-            sampling={},
-            group_size=G,
-            max_policy_lag=2,
-        ),
-        T0,
-    )
+    ensure_test_run(db, G)
     workers = [
         repo.upsert_worker(
             db,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pg_storage_support import T0, ensure_test_run
 from sqlalchemy import event, select, text
 
 from coderepair.coordinator.storage import audits, batches, repo
@@ -36,7 +37,6 @@ from coderepair.coordinator.storage.models import (
 
 pytestmark = pytest.mark.postgres
 
-T0 = 1_700_000_000_000
 G = 4
 ALICE, BOB, CAROL = (bytes([n]) * 32 for n in (2, 3, 4))
 
@@ -63,21 +63,7 @@ class _Scenario:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        repo.ensure_run(
-            db,
-            repo.RunSpec(
-                run_id="r1",
-                trainer_public_key=b"\x01" * 32,
-                base_model_id="tiny",
-                tokenizer_sha256="a" * 64,
-                reward_spec_json="{}",
-                reward_spec_hash="b" * 64,
-                sampling={},
-                group_size=G,
-                max_policy_lag=2,
-            ),
-            T0,
-        )
+        ensure_test_run(db, G)
         self.workers = {
             name: repo.upsert_worker(
                 db,
@@ -247,8 +233,9 @@ def _play(db: Database) -> _Scenario:
         )
     )
     # Copies of alice's completions by bob: refused; audited with the kinds the draft
-    # has not queued yet; audited where the kinds are all queued already; accepted
-    # where the draft asks for no audit of copies.
+    # has not queued yet; audited for the copy alone (no sampled audit); audited where
+    # the kinds are all queued already; accepted where the draft asks for no audit of
+    # copies.
     copied = _samples(["t1"], "d")
     copied[1] = copied[1]._replace(completion_sha256=first.samples[1].completion_sha256)
     copied[3] = copied[3]._replace(completion_sha256=first.samples[2].completion_sha256)
